@@ -1,0 +1,19 @@
+"""poolwatch: connection pools, event loop and HTTP metrics for async Python services.
+
+from poolwatch import instrument
+app = instrument(app)
+"""
+
+__version__ = "0.1.0"
+
+from .agent import instrument, uninstrument, watch_asyncpg_pool, watch_engine
+from .config import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "__version__",
+    "instrument",
+    "uninstrument",
+    "watch_asyncpg_pool",
+    "watch_engine",
+]

@@ -1,0 +1,191 @@
+"""The process-wide agent: installs probes, owns the registry and the exporters.
+
+``instrument(app)`` is idempotent and ``uninstrument()`` undoes every hook. Probes whose library
+is not installed are skipped, so the agent runs with none of sqlalchemy/asyncpg/aiohttp present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings
+from .log import errors, logger
+from .patching import Undo
+from .registry import Registry
+
+# probe name -> (library it hooks, module inside poolwatch.probes)
+PROBE_MODULES = {
+    "sqlalchemy": ("sqlalchemy", "poolwatch.probes.sqlalchemy"),
+    "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
+}
+
+
+class StartupError(ConfigError):
+    """The agent could not start with these settings (e.g. the metrics port is taken)."""
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.settings: Settings | None = None
+        self.discovering = False  # True after instrument(): new engines/pools are watched
+        self.started = False
+        self._probes: dict[str, Any] = {}
+        self._undos: list[Undo] = []
+        self._stops: list[Callable[[], None]] = []
+        self._lock = threading.RLock()
+        self.metrics_port: int | None = None  # the bound port, once listening
+
+    # --- set-up -----------------------------------------------------------------------------
+    def configure(self, options: dict[str, Any]) -> Settings:
+        settings = load_settings(options)
+        with self._lock:
+            if self.settings is not None and options and settings != self.settings:
+                logger.warning("poolwatch is already instrumented; new options are ignored")
+                return self.settings
+            self.settings = self.settings or settings
+            return self.settings
+
+    def add_undo(self, undo: Undo) -> None:
+        self._undos.append(undo)
+
+    def probe(self, name: str) -> Any | None:
+        """The probe module, its class-level hooks installed; None if the library is missing."""
+        with self._lock:
+            if name not in self._probes:
+                library, module_name = PROBE_MODULES[name]
+                if importlib.util.find_spec(library) is None:
+                    self._probes[name] = None
+                else:
+                    module = importlib.import_module(module_name)
+                    self._undos.extend(module.install(self))
+                    self._probes[name] = module
+            return self._probes[name]
+
+    def discover(self) -> None:
+        """Hook creation of new pools, and watch the ones that exist already."""
+        with self._lock:
+            self.discovering = True
+            for name in PROBE_MODULES:
+                self.probe(name)
+        if (sa := self._probes.get("sqlalchemy")) is not None:
+            for engine in sa.existing_engines():
+                sa.watch(self, engine)
+        if (apg := self._probes.get("asyncpg")) is not None:
+            for pool in apg.existing_pools():
+                apg.watch(self, pool)
+
+    # --- run --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the exporters (called from the app's lifespan, or on first request)."""
+        with self._lock:
+            if self.started:
+                return
+            settings = self.settings or self.configure({})
+            self._start_prometheus(settings)
+            self.started = True
+            logger.info("poolwatch started", metrics_port=self.metrics_port, pid=os.getpid())
+
+    def _start_prometheus(self, settings: Settings) -> None:
+        if settings.metrics_port == 0:
+            return
+        from prometheus_client import CollectorRegistry
+
+        from .exporters.prometheus import MetricsServer, PoolwatchCollector, metrics_app
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PoolwatchCollector(self.registry.collect))
+        try:
+            server = MetricsServer(
+                metrics_app(registry, settings.metrics_token),
+                settings.metrics_addr,
+                settings.metrics_port,
+            )
+        except OSError as exc:
+            where = f"{settings.metrics_addr}:{settings.metrics_port}"
+            raise StartupError(
+                f"POOLWATCH_METRICS_PORT={settings.metrics_port}: cannot listen on {where} "
+                f"({exc.strerror or exc}). Choose a free port, set POOLWATCH_METRICS_PORT=0 to "
+                "turn the listener off, or with several workers set POOLWATCH_MULTIPROC_DIR "
+                "and run `poolwatch exporter`."
+            ) from None
+        self.metrics_port = server.port
+        self._stops.append(server.stop)
+
+    def stop(self) -> None:
+        with self._lock:
+            stops, self._stops = self._stops, []
+            self.started = False
+            self.metrics_port = None
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception as exc:
+                errors.record("exporter", exc)
+
+    def uninstrument(self) -> None:
+        self.stop()
+        with self._lock:
+            undos, self._undos = self._undos, []
+            self.discovering = False
+            self._probes.clear()
+            self.settings = None
+            self.registry = Registry()
+        for undo in reversed(undos):
+            try:
+                undo()
+            except Exception as exc:
+                errors.record("exporter", exc)
+
+
+agent = Agent()
+
+
+def instrument(app: Any = None, **options: Any) -> Any:
+    """Measure every pool, connector and the event loop of this process; serve ``/metrics``.
+
+    A Starlette/FastAPI app is instrumented in place and returned; any other ASGI callable is
+    returned wrapped. ``instrument()`` with no app only installs the probes (start the exporters
+    with the app's lifespan, or call ``poolwatch.agent.agent.start()``).
+    """
+    from .asgi import PoolwatchMiddleware
+
+    agent.configure(options)
+    agent.discover()
+    if app is None:
+        return None
+    if hasattr(app, "add_middleware") and hasattr(app, "user_middleware"):
+        if not any(m.cls is PoolwatchMiddleware for m in app.user_middleware):
+            app.add_middleware(PoolwatchMiddleware)
+        return app
+    if isinstance(app, PoolwatchMiddleware):
+        return app
+    return PoolwatchMiddleware(app)
+
+
+def uninstrument() -> None:
+    """Undo every hook and stop the exporters; middleware already in an app passes through."""
+    agent.uninstrument()
+
+
+def watch_engine(engine: Any, name: str | None = None) -> Any:
+    """Measure one SQLAlchemy ``Engine``/``AsyncEngine`` (``name`` overrides the default)."""
+    probe = agent.probe("sqlalchemy")
+    if probe is None:
+        raise RuntimeError("watch_engine() needs SQLAlchemy: pip install 'poolwatch[sqlalchemy]'")
+    probe.watch(agent, engine, name)
+    return engine
+
+
+def watch_asyncpg_pool(pool: Any, name: str | None = None) -> Any:
+    """Measure one ``asyncpg`` pool (``name`` overrides the default)."""
+    probe = agent.probe("asyncpg")
+    if probe is None:
+        raise RuntimeError("watch_asyncpg_pool() needs asyncpg: pip install 'poolwatch[asyncpg]'")
+    probe.watch(agent, pool, name)
+    return pool

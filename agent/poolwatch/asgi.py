@@ -1,0 +1,42 @@
+"""ASGI middleware: starts and stops the agent with the app's lifespan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .agent import StartupError, agent
+from .log import errors
+
+Scope = dict[str, Any]
+
+
+class PoolwatchMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
+        if not agent.started and agent.settings is not None:
+            try:
+                agent.start()  # the server runs without lifespan: start on first use
+            except StartupError as exc:  # never fail a request for the observer's sake
+                agent.started = True
+                errors.record("exporter", exc)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _lifespan_send(send: Any) -> Any:
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete" and agent.settings is not None:
+                try:
+                    agent.start()  # after the app's own start-up: its pools exist by now
+                except StartupError as exc:
+                    message = {"type": "lifespan.startup.failed", "message": str(exc)}
+            elif kind == "lifespan.shutdown.complete":
+                agent.stop()
+            await send(message)
+
+        return lifespan_send

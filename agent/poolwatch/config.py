@@ -1,0 +1,180 @@
+"""Settings: one table, read from ``instrument(**options)`` and ``POOLWATCH_*`` variables.
+
+Every value is checked when the agent starts; a bad one raises :class:`ConfigError` whose message
+names the variable, the value given and what is allowed, so it fails at start-up, never
+mid-traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value poolwatch cannot use. The message says which and how to fix it."""
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError
+    return value
+
+
+def _optional_positive_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "0", "off", "none") else _positive_float(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _address(text: str) -> str:
+    text = text.strip()
+    if text in ("localhost", ""):
+        return text or "127.0.0.1"
+    ipaddress.ip_address(text)
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _optional_text(text: str) -> str | None:
+    return text or None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    env: str
+    parse: Callable[[str], Any]
+    allowed: str
+
+
+# One row per setting: field name -> (environment variable, parser, what is allowed).
+# The README's configuration table mirrors this dict.
+SPECS: dict[str, _Spec] = {
+    "metrics_addr": _Spec("POOLWATCH_METRICS_ADDR", _address, "an IP address or 'localhost'"),
+    "metrics_port": _Spec(
+        "POOLWATCH_METRICS_PORT", _port, "an integer 0-65535 (0 turns the listener off)"
+    ),
+    "metrics_token": _Spec(
+        "POOLWATCH_METRICS_TOKEN", _optional_text, "any string (a bearer token); empty for none"
+    ),
+    "http_client_max_hosts": _Spec(
+        "POOLWATCH_HTTP_CLIENT_MAX_HOSTS", _positive_int, "an integer >= 1"
+    ),
+    "loop_interval": _Spec("POOLWATCH_LOOP_INTERVAL", _positive_float, "seconds > 0, e.g. 0.01"),
+    "block_threshold": _Spec("POOLWATCH_BLOCK_THRESHOLD", _positive_float, "seconds > 0, e.g. 0.1"),
+    "max_culprits": _Spec("POOLWATCH_MAX_CULPRITS", _positive_int, "an integer >= 1"),
+    "leak_threshold": _Spec(
+        "POOLWATCH_LEAK_THRESHOLD",
+        _optional_positive_float,
+        "seconds > 0, or 0/off to turn leak detection off",
+    ),
+    "multiproc_dir": _Spec(
+        "POOLWATCH_MULTIPROC_DIR", _optional_text, "a directory shared with `poolwatch exporter`"
+    ),
+    "http_server_metrics": _Spec("POOLWATCH_HTTP_SERVER_METRICS", _bool, "true or false"),
+    "max_routes": _Spec("POOLWATCH_MAX_ROUTES", _positive_int, "an integer >= 1"),
+    "tracing": _Spec("POOLWATCH_TRACING", _bool, "true or false"),
+    "otlp": _Spec("POOLWATCH_OTLP", _bool, "true or false"),
+    "worker": _Spec("POOLWATCH_WORKER", _optional_text, "a worker id; default: the process id"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 9464
+    metrics_token: str | None = None
+    http_client_max_hosts: int = 50
+    loop_interval: float = 0.01
+    block_threshold: float = 0.1
+    max_culprits: int = 20
+    leak_threshold: float | None = None
+    multiproc_dir: str | None = None
+    http_server_metrics: bool = True
+    max_routes: int = 200
+    tracing: bool = False
+    otlp: bool = False
+    worker: str | None = None
+
+    def __repr__(self) -> str:  # never print the token
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if shown["metrics_token"]:
+            shown["metrics_token"] = "***"
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def load_settings(
+    options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from ``options`` (``instrument()`` keywords) over ``POOLWATCH_*`` variables."""
+    options = dict(options or {})
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(options) - set(SPECS))
+    if unknown:
+        raise ConfigError(
+            f"instrument() got unknown option(s) {', '.join(unknown)}: "
+            f"allowed are {', '.join(sorted(SPECS))}"
+        )
+    values: dict[str, Any] = {}
+    for name, spec in SPECS.items():
+        if name in options:
+            raw, source = options[name], f"instrument({name}=...)"
+            if raw is None or not isinstance(raw, str):
+                values[name] = _check_typed(name, raw, spec, source)
+                continue
+        elif spec.env in environ:
+            raw, source = environ[spec.env], spec.env
+        else:
+            continue
+        try:
+            values[name] = spec.parse(raw)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{source}={raw!r} is invalid: expected {spec.allowed}. Fix or unset {spec.env}."
+            ) from None
+    return Settings(**values)
+
+
+def _check_typed(name: str, value: Any, spec: _Spec, source: str) -> Any:
+    """Options passed as Python values go through the same parser as their text form."""
+    if value is None:
+        if name in ("metrics_token", "leak_threshold", "multiproc_dir", "worker"):
+            return None
+        raise ConfigError(f"{source}=None is invalid: expected {spec.allowed}.")
+    if isinstance(value, bool):
+        if spec.parse is _bool:
+            return value
+        raise ConfigError(f"{source}={value!r} is invalid: expected {spec.allowed}.")
+    try:
+        return spec.parse(str(value))
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}={value!r} is invalid: expected {spec.allowed}.") from None

@@ -1,0 +1,201 @@
+"""``poolwatch demo``: an instrumented FastAPI app on SQLite with an aiohttp upstream, and a load
+that walks healthy -> pool exhaustion -> blocked loop while a live view shows the pool.
+
+Everything runs in this process: the app under uvicorn on the main thread's loop, the load on a
+thread with its own loop (so a blocked app loop does not stop the load), the view on the main
+thread reading the app's own ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Any
+
+PHASES = (
+    # name, concurrent clients, route
+    ("healthy", 2, "/orders"),
+    ("pool exhaustion", 32, "/orders"),
+    ("blocked loop", 2, "/report"),
+)
+POOL_SIZE, MAX_OVERFLOW, POOL_TIMEOUT = 4, 2, 0.25
+
+
+def build_app(database_url: str, upstream_url: str) -> Any:
+    import aiohttp
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from sqlalchemy import exc, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from . import instrument
+
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["engine"] = create_async_engine(
+            database_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_timeout=POOL_TIMEOUT
+        )
+        state["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        yield
+        await state["http"].close()
+        await state["engine"].dispose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/orders")
+    async def orders():
+        try:
+            async with state["engine"].connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                await asyncio.sleep(random.uniform(0.02, 0.08))  # the "query" holds the connection
+        except exc.TimeoutError:
+            return JSONResponse({"error": "pool exhausted"}, status_code=503)
+        async with state["http"].get(upstream_url) as response:
+            await response.read()
+        return {"ok": True}
+
+    @app.get("/report")
+    async def report():
+        time.sleep(0.25)  # a sync call on the event loop: the bug the demo shows
+        return {"ok": True}
+
+    return instrument(app)
+
+
+async def _upstream(port: int) -> Any:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Load(threading.Thread):
+    """Bounded client load on its own thread and loop; ``phase`` selects the current shape."""
+
+    def __init__(self, base_url: str, stop: threading.Event) -> None:
+        super().__init__(name="poolwatch-demo-load", daemon=True)
+        self.base_url, self.stop, self.phase = base_url, stop, 0
+        self.statuses: dict[int, int] = {}
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            workers = [
+                asyncio.create_task(self._client(session, i))
+                for i in range(max(p[1] for p in PHASES))
+            ]
+            while not self.stop.is_set():
+                await asyncio.sleep(0.1)
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _client(self, session: Any, index: int) -> None:
+        while not self.stop.is_set():
+            _, clients, route = PHASES[self.phase]
+            if index >= clients:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                async with session.get(self.base_url + route) as response:
+                    await response.read()
+                    self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1 if route == "/report" else 0.005)
+
+
+def run(duration: float | None, database_url: str | None, port: int, metrics_port: int) -> int:
+    import uvicorn
+
+    from .view import parse, render_lines
+
+    workdir = tempfile.mkdtemp(prefix="poolwatch-demo-")
+    database_url = database_url or f"sqlite+aiosqlite:///{os.path.join(workdir, 'demo.db')}"
+    os.environ.setdefault("POOLWATCH_METRICS_PORT", str(metrics_port))
+    upstream_port = _free_port()
+    app = build_app(database_url, f"http://127.0.0.1:{upstream_port}/")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    stop = threading.Event()
+    phase_seconds = (duration / len(PHASES)) if duration else 10.0
+    metrics_url = f"http://127.0.0.1:{os.environ['POOLWATCH_METRICS_PORT']}/metrics"
+
+    def view() -> None:  # a thread: keeps drawing while the app's loop is blocked
+        load = Load(f"http://127.0.0.1:{port}", stop)
+        while not server.started and not stop.is_set():
+            time.sleep(0.05)
+        load.start()
+        started, previous = time.monotonic(), None
+        print(f"poolwatch demo: app http://127.0.0.1:{port}  metrics {metrics_url}  (Ctrl-C stops)")
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            if duration and elapsed >= duration:
+                break
+            load.phase = int(elapsed // phase_seconds) % len(PHASES)
+            try:
+                with urllib.request.urlopen(metrics_url, timeout=2) as response:
+                    snap = parse(response.read().decode())
+            except OSError as exc:
+                print(f"  (metrics unavailable: {exc})")
+                time.sleep(1)
+                continue
+            statuses = dict(sorted(load.statuses.items()))
+            print(f"[{elapsed:5.1f}s] phase: {PHASES[load.phase][0]}  responses: {statuses}")
+            for line in render_lines(snap, previous):
+                print("  " + line)
+            previous = snap
+            time.sleep(1.0)
+        stop.set()
+        server.should_exit = True
+
+    viewer = threading.Thread(target=view, name="poolwatch-demo-view", daemon=True)
+
+    async def main() -> None:
+        runner = await _upstream(upstream_port)
+        viewer.start()
+        try:
+            await server.serve()
+        finally:
+            stop.set()
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        stop.set()
+    viewer.join(timeout=5)
+    sys.stdout.flush()
+    return 0

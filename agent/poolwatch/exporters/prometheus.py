@@ -1,0 +1,132 @@
+"""Prometheus exposition: a collector that reads the registry at scrape time, and a listener
+served from its own thread so ``/metrics`` answers while the event loop is blocked."""
+
+from __future__ import annotations
+
+import hmac
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.core import (
+    Metric as PromFamily,
+)
+from prometheus_client.utils import floatToGoString
+
+from ..metrics import BUCKETS, COUNTER, HISTOGRAM, HistogramValue, Point, prom_label
+
+_LE = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]
+
+
+def families(
+    points: Iterable[Point], extra_labels: dict[str, str] | None = None
+) -> list[PromFamily]:
+    """Group points into prometheus_client metric families (one per metric)."""
+    extra = extra_labels or {}
+    out: dict[str, PromFamily] = {}
+    for metric, attributes, value in points:
+        labels = {prom_label(k): v for k, v in attributes.items()} | extra
+        family = out.get(metric.name)
+        if family is None:
+            kind = {COUNTER: CounterMetricFamily, HISTOGRAM: HistogramMetricFamily}.get(
+                metric.kind, GaugeMetricFamily
+            )
+            family = out[metric.name] = kind(
+                metric.prom_name, metric.description, labels=list(labels)
+            )
+        if isinstance(value, HistogramValue):
+            cumulative, running = [], 0
+            for le, count in zip(_LE, value.counts, strict=True):
+                running += count
+                cumulative.append((le, running))
+            family.add_metric(list(labels.values()), cumulative, sum_value=value.total)
+        else:
+            family.add_metric(list(labels.values()), value)
+    return list(out.values())
+
+
+class PoolwatchCollector:
+    """A prometheus_client collector; register it in your own registry if you serve one."""
+
+    def __init__(
+        self, collect: Callable[[], Iterable[Point]], labels: dict[str, str] | None = None
+    ):
+        self._collect = collect
+        self._labels = labels
+
+    def collect(self) -> Iterator[PromFamily]:
+        yield from families(self._collect(), self._labels)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
+        pass
+
+
+def metrics_app(
+    registry: CollectorRegistry, token: str | None, health: Callable[[], bool] | None = None
+) -> Any:
+    """WSGI app: ``/metrics`` (optionally behind a bearer token) and ``/healthz``."""
+    metrics = make_wsgi_app(registry)
+    expected = f"Bearer {token}".encode() if token else None
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/health"):
+            ok = health() if health else True
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
+            return [b"ok\n" if ok else b"unhealthy\n"]
+        if expected is not None:
+            given = environ.get("HTTP_AUTHORIZATION", "").encode()
+            if not hmac.compare_digest(given, expected):
+                start_response(
+                    "401 Unauthorized",
+                    [("WWW-Authenticate", "Bearer"), ("Content-Type", "text/plain")],
+                )
+                return [b"unauthorized\n"]
+        if path != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"poolwatch: metrics are at /metrics\n"]
+        return metrics(environ, start_response)
+
+    return app
+
+
+class MetricsServer:
+    """``/metrics`` on a daemon thread (independent of any event loop)."""
+
+    def __init__(self, app: Any, addr: str, port: int) -> None:
+        server_class = _ThreadingWSGIServer
+        if ":" in addr:
+            server_class = type(
+                "_Server6", (_ThreadingWSGIServer,), {"address_family": socket.AF_INET6}
+            )
+        self._server = make_server(
+            addr, port, app, server_class=server_class, handler_class=_QuietHandler
+        )
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="poolwatch-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

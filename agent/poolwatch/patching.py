@@ -1,0 +1,53 @@
+"""Class-level method wrapping with an exact undo.
+
+Hand-written rather than ``wrapt`` because the hooks sit on the per-checkout path, where a plain
+closure costs a fraction of a generic proxy, and all we need is "replace, remember, restore".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+Undo = Callable[[], None]
+
+_MARK = "__poolwatch_original__"
+
+
+def wrap_method(
+    cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Undo:
+    """Replace ``cls.name`` by ``make(original)``; the returned function restores it exactly."""
+    had_own = name in vars(cls)
+    original = getattr(cls, name)
+    wrapper = make(original)
+    setattr(wrapper, _MARK, original)
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(wrapper, attr, getattr(original, attr))
+    setattr(cls, name, wrapper)
+
+    def undo() -> None:
+        if vars(cls).get(name) is wrapper:
+            if had_own:
+                setattr(cls, name, original)
+            else:
+                delattr(cls, name)
+
+    return undo
+
+
+def is_wrapped(func: Any) -> bool:
+    return hasattr(func, _MARK)
+
+
+def subclasses(cls: type) -> list[type]:
+    """``cls`` and every subclass known now, depth first."""
+    seen, stack = [], [cls]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.append(current)
+            stack.extend(current.__subclasses__())
+    return seen

@@ -1,0 +1,157 @@
+"""One pool-statistics model shared by the SQLAlchemy and asyncpg probes.
+
+Only events are recorded on the hot path (waits, timeouts, checkout/return times); sizes are read
+from the pool object itself at collect time, so they are right even when the agent attached to a
+pool that was already busy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from typing import NamedTuple
+
+from .metrics import (
+    DB_COUNT,
+    DB_CREATE_TIME,
+    DB_IDLE_MAX,
+    DB_IDLE_MIN,
+    DB_MAX,
+    DB_PENDING,
+    DB_TIMEOUTS,
+    DB_USE_TIME,
+    DB_WAIT_TIME,
+    LEAKS,
+    SA_INVALIDATIONS,
+    SA_OVERFLOW,
+    Histogram,
+    Point,
+)
+
+POOL_NAME = "db.client.connection.pool.name"
+STATE = "db.client.connection.state"
+
+
+class PoolGauges(NamedTuple):
+    used: (
+        int | None
+    )  # None: the pool cannot tell; poolwatch's own count of held connections is used
+    idle: int
+    idle_max: int | None = None
+    idle_min: int | None = None
+    max: int | None = None
+    overflow: int | None = None  # SQLAlchemy only
+
+
+class PoolStats:
+    """Counters of one pool.
+
+    Thread-safe without a lock on the hot path (sync engines are used from many threads): every
+    hot-path update is a single atomic C operation (dict set/pop, ``next()``, ``deque.append``).
+    Rare events (timeouts, invalidations, new connections) take a lock.
+    """
+
+    def __init__(
+        self,
+        probe: str,
+        name: str,
+        read_gauges: Callable[[], PoolGauges | None],
+        *,
+        invalidations: bool = False,
+    ) -> None:
+        self.probe = probe
+        self.name = name
+        self.read_gauges = read_gauges  # returns None once the pool is gone
+        self.timeouts = 0
+        self.leaks = 0
+        self.wait_time = Histogram()
+        self.use_time = Histogram()
+        self.create_time = Histogram()
+        self.invalidations = {"false": 0, "true": 0} if invalidations else None
+        self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
+        self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
+        self.closed = False
+        self.tokens = itertools.count()  # wait tokens: unique across threads
+        self._lock = threading.Lock()
+
+    # --- hot path ---------------------------------------------------------------------------
+    def wait_begin(self) -> int:
+        token = next(self.tokens)
+        self.waiting[token] = perf_counter()
+        return token
+
+    def wait_end(self, token: int, key: int) -> None:
+        """A checkout succeeded: ``key`` identifies the connection until it is returned."""
+        now = perf_counter()
+        self.wait_time.observe(now - self.waiting.pop(token))
+        self.held[key] = now
+
+    def wait_failed(self, token: int, timed_out: bool) -> None:
+        self.waiting.pop(token, None)
+        if timed_out:
+            self.timed_out()
+
+    def timed_out(self) -> None:
+        with self._lock:
+            self.timeouts += 1
+
+    def returned(self, key: int) -> None:
+        start = self.held.pop(key, None)
+        if start is not None:
+            self.use_time.observe(perf_counter() - start)
+
+    def forget(self, key: int) -> None:
+        """The connection left the pool for good (detached): no use time to record."""
+        self.held.pop(key, None)
+
+    def created(self, seconds: float) -> None:
+        self.create_time.observe(seconds)
+
+    def invalidated(self, soft: bool) -> None:
+        if self.invalidations is not None:
+            with self._lock:
+                self.invalidations["true" if soft else "false"] += 1
+
+    # --- collect time -----------------------------------------------------------------------
+    def alive(self) -> bool:
+        return not self.closed and self.read_gauges() is not None
+
+    def points(self) -> Iterator[Point]:
+        gauges = self.read_gauges()
+        if gauges is None:
+            return
+        pool = {POOL_NAME: self.name}
+        used = len(self.held) if gauges.used is None else gauges.used
+        yield Point(DB_COUNT, {**pool, STATE: "idle"}, gauges.idle)
+        yield Point(DB_COUNT, {**pool, STATE: "used"}, used)
+        for metric, value in (
+            (DB_IDLE_MAX, gauges.idle_max),
+            (DB_IDLE_MIN, gauges.idle_min),
+            (DB_MAX, gauges.max),
+            (SA_OVERFLOW, gauges.overflow),
+        ):
+            if value is not None:
+                yield Point(metric, pool, value)
+        with self._lock:  # copy under the lock, yield outside it
+            events = [
+                (DB_PENDING, pool, len(self.waiting)),
+                (DB_TIMEOUTS, pool, self.timeouts),
+                (LEAKS, pool, self.leaks),
+                (DB_WAIT_TIME, pool, self.wait_time.value()),
+                (DB_USE_TIME, pool, self.use_time.value()),
+                (DB_CREATE_TIME, pool, self.create_time.value()),
+            ]
+            for soft, count in (self.invalidations or {}).items():
+                events.append((SA_INVALIDATIONS, {**pool, "soft": soft}, count))
+        for metric, attributes, value in events:
+            yield Point(metric, attributes, value)
+
+
+def default_pool_name(host: str | None, port: int | str | None, database: str | None) -> str:
+    """semconv fallback ``server.address:server.port/db.namespace``; never user or password."""
+    server = f"{host}:{port}" if host and port else (host or "")
+    if server:
+        return f"{server}/{database}" if database else server
+    return database or "default"

@@ -1,0 +1,187 @@
+"""asyncpg pools: a wrapper around acquire/release; sizes from the public ``get_*_size()``.
+
+asyncpg has no acquire hook, so ``Pool._acquire`` (where the wait happens) and ``Pool.release``
+are wrapped at class level. ``Pool`` has ``__slots__`` without ``__weakref__``: pools are held
+here by id and dropped on ``close()``/``terminate()``.
+"""
+
+from __future__ import annotations
+
+import gc
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from asyncpg.pool import Pool
+
+from ..log import errors
+from ..patching import Undo, wrap_method
+from ..poolstats import PoolGauges, PoolStats, default_pool_name
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+PROBE = "asyncpg"
+_stats: dict[int, PoolStats] = {}  # id(pool) -> stats, while the pool is open
+
+
+def _make_acquire(original: Any) -> Any:
+    async def _acquire(self: Pool, timeout: float | None) -> Any:
+        stats = _stats.get(id(self))
+        if stats is None:
+            return await original(self, timeout)
+        try:
+            token = stats.wait_begin()
+        except Exception as exc:
+            errors.record(PROBE, exc)
+            return await original(self, timeout)
+        try:
+            proxy = await original(self, timeout)
+        except BaseException as exc:  # CancelledError too: pending stays exact, then re-raised
+            try:
+                stats.wait_failed(token, isinstance(exc, TimeoutError))
+            except Exception as inner:
+                errors.record(PROBE, inner)
+            raise
+        try:
+            # Holders are fixed per pool, so keys stay bounded by max_size.
+            stats.wait_end(token, id(proxy._holder))
+        except Exception as exc:
+            errors.record(PROBE, exc)
+        return proxy
+
+    return _acquire
+
+
+def _make_release(original: Any) -> Any:
+    async def release(self: Pool, connection: Any, *, timeout: float | None = None) -> Any:
+        stats = _stats.get(id(self))
+        if stats is not None:
+            try:
+                holder = getattr(connection, "_holder", None)
+                if holder is not None:
+                    stats.returned(id(holder))
+            except Exception as exc:
+                errors.record(PROBE, exc)
+        return await original(self, connection, timeout=timeout)
+
+    return release
+
+
+def _make_new_connection(original: Any) -> Any:
+    async def _get_new_connection(self: Pool) -> Any:
+        start = perf_counter()
+        connection = await original(self)
+        stats = _stats.get(id(self))
+        if stats is not None:
+            try:
+                stats.created(perf_counter() - start)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+        return connection
+
+    return _get_new_connection
+
+
+def _drop(pool: Pool) -> None:
+    stats = _stats.pop(id(pool), None)
+    if stats is not None:
+        stats.closed = True
+
+
+def _make_close(original: Any) -> Any:
+    async def close(self: Pool) -> None:
+        try:
+            await original(self)
+        finally:
+            _drop(self)
+
+    return close
+
+
+def _make_terminate(original: Any) -> Any:
+    def terminate(self: Pool) -> None:
+        try:
+            original(self)
+        finally:
+            _drop(self)
+
+    return terminate
+
+
+def _make_init(original: Any, agent: Agent) -> Any:
+    def __init__(self: Pool, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if agent.discovering:
+            try:
+                watch(agent, self)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+
+    return __init__
+
+
+def install(agent: Agent) -> list[Undo]:
+    undos = [
+        wrap_method(Pool, "__init__", lambda orig: _make_init(orig, agent)),
+        wrap_method(Pool, "_acquire", _make_acquire),
+        wrap_method(Pool, "release", _make_release),
+        wrap_method(Pool, "close", _make_close),
+        wrap_method(Pool, "terminate", _make_terminate),
+    ]
+    if hasattr(Pool, "_get_new_connection"):  # private: create_time is left out without it
+        undos.append(wrap_method(Pool, "_get_new_connection", _make_new_connection))
+    undos.append(_stats.clear)
+    return undos
+
+
+def existing_pools() -> list[Pool]:
+    return [obj for obj in gc.get_objects() if isinstance(obj, Pool) and not obj.is_closing()]
+
+
+def pool_name(pool: Pool) -> str:
+    """From the connect arguments: host, port and database only, never user or password."""
+    kwargs: dict[str, Any] = dict(getattr(pool, "_connect_kwargs", None) or {})
+    args = getattr(pool, "_connect_args", None) or []
+    host, port, database = kwargs.get("host"), kwargs.get("port"), kwargs.get("database")
+    dsn = args[0] if args and isinstance(args[0], str) else kwargs.get("dsn")
+    if dsn:
+        try:
+            parts = urlsplit(dsn)
+            host = host or parts.hostname
+            port = port or parts.port
+            database = database or parts.path.lstrip("/") or None
+        except ValueError:  # multi-host DSNs and other shapes urlsplit cannot read
+            pass
+    if isinstance(host, list | tuple):
+        host = ",".join(map(str, host))
+    return default_pool_name(host, port or (5432 if host else None), database)
+
+
+def _gauges(pool: Pool) -> PoolGauges | None:
+    if pool.is_closing():
+        return None
+    size = pool.get_size()
+    idle = pool.get_idle_size()
+    return PoolGauges(
+        used=size - idle,
+        idle=idle,
+        idle_max=pool.get_max_size(),
+        idle_min=pool.get_min_size(),
+        max=pool.get_max_size(),
+    )
+
+
+def watch(agent: Agent, pool: Pool, name: str | None = None) -> PoolStats:
+    stats = _stats.get(id(pool))
+    if stats is not None:
+        if name and name != stats.name:
+            agent.registry.release_name(stats.name)
+            stats.name = agent.registry.claim_name(name)
+        return stats
+    stats = PoolStats(
+        PROBE, agent.registry.claim_name(name or pool_name(pool)), lambda: _gauges(pool)
+    )
+    _stats[id(pool)] = stats
+    agent.registry.add(stats)
+    return stats

@@ -1,0 +1,230 @@
+"""SQLAlchemy engine pools, sync and async.
+
+Hot path: class-level wrappers around ``Pool.connect`` (wait time, pending, timeouts, start of
+use) and ``Pool._return_conn`` (use time). PoolEvents has no "before checkout" hook, hence the
+wrappers; rarer events (invalidate, detach, connect) use public pool events. Sizes are read
+from ``engine.pool`` at collect time: ``engine.dispose()`` swaps the pool and the gauges follow.
+Listeners sit on the pool and travel with ``Pool.recreate()``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, QueuePool
+
+from ..log import errors
+from ..metrics import FOLD_AT
+from ..patching import Undo, subclasses, wrap_method
+from ..poolstats import PoolGauges, PoolStats, default_pool_name
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+PROBE = "sqlalchemy"
+ATTR = "_poolwatch_stats"  # on Pool instances; the class default is None (fast miss)
+
+
+def _make_connect(original: Any) -> Any:
+    # The bookkeeping is inlined (no PoolStats method calls): this runs on every checkout and
+    # each Python call costs ~70 ns of a 2 µs budget. Every step is one atomic C operation.
+    def connect(self: Pool) -> Any:
+        stats: PoolStats | None = self._poolwatch_stats  # type: ignore[attr-defined]
+        if stats is None:
+            return original(self)
+        waiting = stats.waiting
+        token = next(stats.tokens)
+        waiting[token] = start = perf_counter()
+        try:
+            connection = original(self)
+        except BaseException as exc:
+            del waiting[token]
+            if isinstance(exc, sa_exc.TimeoutError):
+                stats.timed_out()
+            raise
+        now = perf_counter()
+        del waiting[token]
+        try:
+            new = stats.wait_time.new  # Histogram.observe, inlined
+            new.append(now - start)
+            if len(new) >= FOLD_AT:
+                stats.wait_time.fold()
+            stats.held[id(connection._connection_record)] = now
+        except Exception as exc:
+            errors.record(PROBE, exc)
+        return connection
+
+    return connect
+
+
+def _make_return_conn(original: Any) -> Any:
+    # Every checkin funnels through Pool._return_conn (SQLAlchemy 1.4-2.1). Wrapping it costs
+    # ~0.35 µs against ~0.85 µs for a public "checkin" listener (event dispatch is ~0.45 µs
+    # alone), which is the difference between meeting the 2 µs budget and missing it.
+    def _return_conn(self: Pool, record: Any) -> None:
+        stats: PoolStats | None = self._poolwatch_stats  # type: ignore[attr-defined]
+        if stats is not None:
+            try:
+                start = stats.held.pop(id(record), None)
+                if start is not None:
+                    new = stats.use_time.new  # Histogram.observe, inlined
+                    new.append(perf_counter() - start)
+                    if len(new) >= FOLD_AT:
+                        stats.use_time.fold()
+            except Exception as exc:
+                errors.record(PROBE, exc)
+        return original(self, record)
+
+    return _return_conn
+
+
+def _make_recreate(original: Any) -> Any:
+    def recreate(self: Pool) -> Pool:
+        new_pool = original(self)
+        stats = self._poolwatch_stats  # type: ignore[attr-defined]
+        if stats is not None:
+            setattr(new_pool, ATTR, stats)
+        return new_pool
+
+    return recreate
+
+
+def _make_engine_init(original: Any, agent: Agent) -> Any:
+    def __init__(self: Engine, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if agent.discovering:
+            try:
+                watch(agent, self)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+
+    return __init__
+
+
+def install(agent: Agent) -> list[Undo]:
+    """Class-level hooks; engines that exist already are watched at once."""
+    Pool._poolwatch_stats = None  # type: ignore[attr-defined]
+    undos: list[Undo] = [lambda: delattr(Pool, ATTR)]
+    for cls in subclasses(Pool):
+        if "connect" in vars(cls):
+            undos.append(wrap_method(cls, "connect", _make_connect))
+        if "recreate" in vars(cls):
+            undos.append(wrap_method(cls, "recreate", _make_recreate))
+        if "_return_conn" in vars(cls):
+            undos.append(wrap_method(cls, "_return_conn", _make_return_conn))
+    undos.append(wrap_method(Engine, "__init__", lambda orig: _make_engine_init(orig, agent)))
+    return undos
+
+
+def existing_engines() -> list[Engine]:
+    """Engines created before ``instrument()``: a one-off heap walk at start-up."""
+    return [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+
+
+def pool_name(engine: Engine) -> str:
+    logging_name = getattr(engine.pool, "_orig_logging_name", None)
+    if logging_name:
+        return str(logging_name)
+    url = engine.url
+    database = url.database
+    if database and not url.host:  # SQLite & co: a file, not a server
+        database = os.path.basename(database)
+    return default_pool_name(url.host, url.port, database)
+
+
+def _read_gauges(engine_ref: weakref.ref[Engine]) -> PoolGauges | None:
+    engine = engine_ref()
+    if engine is None:
+        return None
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        size = pool.size()
+        max_overflow = getattr(pool, "_max_overflow", -1)
+        return PoolGauges(
+            used=pool.checkedout(),
+            idle=pool.checkedin(),
+            idle_max=size,
+            idle_min=0,
+            max=size + max_overflow if max_overflow >= 0 else None,
+            overflow=max(pool.overflow(), 0),
+        )
+    return PoolGauges(used=None, idle=0)  # NullPool, StaticPool...: poolwatch counts used itself
+
+
+def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
+    """Measure ``engine`` (an ``Engine`` or ``AsyncEngine``); idempotent, ``name`` renames."""
+    engine = getattr(engine, "sync_engine", engine)
+    stats: PoolStats | None = getattr(engine.pool, ATTR, None)
+    if stats is not None:
+        if name and name != stats.name:
+            agent.registry.release_name(stats.name)
+            stats.name = agent.registry.claim_name(name)
+        return stats
+    engine_ref = weakref.ref(engine)
+    stats = PoolStats(
+        PROBE,
+        agent.registry.claim_name(name or pool_name(engine)),
+        lambda: _read_gauges(engine_ref),
+        invalidations=True,
+    )
+    setattr(engine.pool, ATTR, stats)
+    _listen(agent, engine, stats)
+    agent.registry.add(stats)
+    return stats
+
+
+def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
+    connect_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def guarded(fn: Any) -> Any:
+        def listener(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+
+        return listener
+
+    def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        if record is not None:
+            connect_started[record] = perf_counter()
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        start = connect_started.pop(record, None)
+        if start is not None:
+            stats.created(perf_counter() - start)
+
+    listeners = {
+        "detach": guarded(lambda dbapi_connection, record: stats.forget(id(record))),
+        "invalidate": guarded(lambda dbapi_connection, record, exc: stats.invalidated(False)),
+        "soft_invalidate": guarded(lambda dbapi_connection, record, exc: stats.invalidated(True)),
+        "connect": guarded(on_connect),
+    }
+    do_connect_listener = guarded(do_connect)  # returns None: SQLAlchemy then connects as usual
+
+    for identifier, fn in listeners.items():
+        event.listen(engine.pool, identifier, fn)
+    event.listen(engine, "do_connect", do_connect_listener)
+
+    engine_ref = weakref.ref(engine)
+
+    def undo() -> None:
+        engine = engine_ref()
+        if engine is None:
+            return
+        for identifier, fn in listeners.items():
+            if event.contains(engine.pool, identifier, fn):
+                event.remove(engine.pool, identifier, fn)
+        if event.contains(engine, "do_connect", do_connect_listener):
+            event.remove(engine, "do_connect", do_connect_listener)
+        if getattr(engine.pool, ATTR, None) is stats:
+            delattr(engine.pool, ATTR)
+
+    agent.add_undo(undo)

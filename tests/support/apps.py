@@ -1,0 +1,91 @@
+"""Real uvicorn (or gunicorn) servers running test apps in subprocesses on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from .net import free_port, scrape, wait_for_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class AppServer:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def scrape(self, **kwargs):
+        return scrape(self.metrics_url, **kwargs)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_app(
+    target: str,
+    env: dict[str, str] | None = None,
+    *,
+    server_args: list[str] | None = None,
+    metrics: bool = True,
+    wait_metrics: bool = True,
+) -> AppServer:
+    """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn."""
+    port, metrics_port = free_port(), free_port()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "POOLWATCH_METRICS_PORT": str(metrics_port if metrics else 0),
+    }
+    full_env.update(env or {})
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the app's log outlives this function
+        prefix="poolwatch-app-", suffix=".log", delete=False
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *(server_args or []),
+    ]
+    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    server = AppServer(proc, port, metrics_port, log.name, full_env)
+    try:
+        wait_for_port(port, proc=proc)
+        if metrics and wait_metrics:
+            wait_for_port(metrics_port, proc=proc)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"app {target} did not start:\n{server.log()}") from None
+    return server

@@ -1,0 +1,187 @@
+"""Issue 2: lifecycle of hooks (dispose, pool kinds, undo, idempotence) and configuration."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
+
+from poolwatch.config import ConfigError, load_settings
+from tests.support.net import scrape
+
+
+def metrics(agent):
+    return scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+
+
+def used(samples, name: str) -> float:
+    return samples.value(
+        "db_client_connection_count",
+        db_client_connection_pool_name=name,
+        db_client_connection_state="used",
+    )
+
+
+def test_engines_created_before_instrument_are_found(tmp_path):
+    import poolwatch
+    from poolwatch.agent import agent
+
+    engine = create_engine(f"sqlite:///{tmp_path}/early.db", poolclass=QueuePool)
+    poolwatch.instrument(metrics_port=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        names = {
+            p.attributes.get("db.client.connection.pool.name") for p in agent.registry.collect()
+        }
+        assert "early.db" in names
+    finally:
+        poolwatch.uninstrument()
+
+
+def test_dispose_and_recreate_keep_being_measured(agent, tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/a.db", poolclass=QueuePool, pool_size=3)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    engine.dispose()  # a new pool replaces the old one
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        assert used(metrics(agent), "a.db") == 1
+    samples = metrics(agent)
+    assert used(samples, "a.db") == 0
+    assert (
+        samples.value(
+            "db_client_connection_wait_time_seconds_count", db_client_connection_pool_name="a.db"
+        )
+        == 2
+    )
+    assert (
+        samples.value(
+            "db_client_connection_use_time_seconds_count", db_client_connection_pool_name="a.db"
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize("poolclass", [NullPool, StaticPool, SingletonThreadPool])
+def test_other_pool_kinds_work_and_count_used(agent, tmp_path, poolclass):
+    name = f"kinds-{poolclass.__name__}"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/k.db", poolclass=poolclass, pool_logging_name=name
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 41 + 1")).scalar() == 42
+        assert used(metrics(agent), name) == 1
+    samples = metrics(agent)
+    assert used(samples, name) == 0
+    assert not samples.find("db_client_connection_max", db_client_connection_pool_name=name)
+    assert samples.value("poolwatch_agent_errors_total", probe="sqlalchemy") == 0
+    engine.dispose()
+
+
+def test_invalidations_are_counted(agent, tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/i.db", pool_logging_name="inv")
+    with engine.connect() as conn:
+        conn.invalidate()
+    with engine.connect() as conn:
+        conn.connection.invalidate(soft=True)
+    samples = metrics(agent)
+    pool = {"db_client_connection_pool_name": "inv"}
+    assert samples.value("sqlalchemy_pool_invalidations_total", soft="false", **pool) == 1
+    assert samples.value("sqlalchemy_pool_invalidations_total", soft="true", **pool) == 1
+    assert used(samples, "inv") == 0
+
+
+def test_explicit_name_and_collected_engine_disappears(agent, tmp_path):
+    import gc
+
+    import poolwatch
+
+    engine = poolwatch.watch_engine(create_engine(f"sqlite:///{tmp_path}/n.db"), name="orders")
+    with engine.connect():
+        pass
+    assert metrics(agent).find(
+        "db_client_connection_count", db_client_connection_pool_name="orders"
+    )
+    del engine
+    gc.collect()
+    assert not metrics(agent).find(
+        "db_client_connection_count", db_client_connection_pool_name="orders"
+    )
+
+
+def test_uninstrument_restores_every_hook_and_instrument_is_idempotent():
+    import asyncpg.pool
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
+
+    import poolwatch
+
+    originals = {
+        (cls, name): vars(cls).get(name)
+        for cls in (
+            Pool,
+            QueuePool,
+            SingletonThreadPool,
+            StaticPool,
+            NullPool,
+            Engine,
+            asyncpg.pool.Pool,
+        )
+        for name in ("connect", "recreate", "__init__", "_acquire", "release", "close", "terminate")
+    }
+    poolwatch.instrument(metrics_port=0)
+    first = Pool.connect
+    poolwatch.instrument(metrics_port=0)
+    assert Pool.connect is first  # idempotent: not wrapped twice
+    poolwatch.uninstrument()
+    for (cls, name), original in originals.items():
+        assert vars(cls).get(name) is original, f"{cls.__name__}.{name} not restored"
+    assert not hasattr(Pool, "_poolwatch_stats")
+
+
+def test_plain_asgi_app_is_wrapped_and_starlette_instrumented_in_place():
+    from fastapi import FastAPI
+
+    import poolwatch
+    from poolwatch.asgi import PoolwatchMiddleware
+
+    async def bare(scope, receive, send):
+        pass
+
+    try:
+        wrapped = poolwatch.instrument(bare, metrics_port=0)
+        assert isinstance(wrapped, PoolwatchMiddleware) and wrapped.app is bare
+        app = FastAPI()
+        assert poolwatch.instrument(app) is app
+        poolwatch.instrument(app)
+        assert sum(m.cls is PoolwatchMiddleware for m in app.user_middleware) == 1
+    finally:
+        poolwatch.uninstrument()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("POOLWATCH_METRICS_PORT", "nine", "an integer 0-65535"),
+        ("POOLWATCH_METRICS_ADDR", "not-an-ip", "an IP address"),
+        ("POOLWATCH_LOOP_INTERVAL", "-1", "seconds > 0"),
+        ("POOLWATCH_HTTP_CLIENT_MAX_HOSTS", "0", "an integer >= 1"),
+    ],
+)
+def test_bad_settings_name_the_variable_and_the_fix(variable, value, expected):
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ={variable: value})
+    assert str(error.value).startswith(f"{variable}={value!r} is invalid: expected {expected}")
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_settings({"metrics_prot": 1})
+
+
+def test_options_override_environment():
+    settings = load_settings({"metrics_port": 0}, environ={"POOLWATCH_METRICS_PORT": "1234"})
+    assert settings.metrics_port == 0
+    assert load_settings(environ={"POOLWATCH_METRICS_PORT": "1234"}).metrics_port == 1234
