@@ -18,8 +18,11 @@ from .log import errors, logger
 from .patching import Undo
 from .registry import Registry
 
-# probe name -> (library it hooks, module inside poolwatch.probes)
-PROBE_MODULES = {
+# probe name -> (library it hooks, or None if it needs none; module inside poolwatch.probes).
+# A probe module provides ``install(agent) -> list[Undo]`` (class-level hooks, at instrument()),
+# optionally ``watch(agent, obj, name)`` / ``existing_*()`` for objects, and optionally
+# ``start(agent) -> stop callable`` run when the agent starts (inside the app's running loop).
+PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "sqlalchemy": ("sqlalchemy", "poolwatch.probes.sqlalchemy"),
     "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
 }
@@ -59,7 +62,7 @@ class Agent:
         with self._lock:
             if name not in self._probes:
                 library, module_name = PROBE_MODULES[name]
-                if importlib.util.find_spec(library) is None:
+                if library is not None and importlib.util.find_spec(library) is None:
                     self._probes[name] = None
                 else:
                     module = importlib.import_module(module_name)
@@ -88,6 +91,15 @@ class Agent:
                 return
             settings = self.settings or self.configure({})
             self._start_prometheus(settings)
+            for name, module in list(self._probes.items()):
+                if module is not None and hasattr(module, "start"):
+                    try:
+                        stop = module.start(self)
+                    except Exception as exc:  # a probe that cannot start leaves the app running
+                        errors.record(name, exc)
+                        continue
+                    if stop is not None:
+                        self._stops.append(stop)
             self.started = True
             logger.info("poolwatch started", metrics_port=self.metrics_port, pid=os.getpid())
 

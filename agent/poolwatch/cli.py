@@ -1,21 +1,39 @@
-"""The ``poolwatch`` command."""
+"""The ``poolwatch`` command: one module per subcommand.
+
+Each module in ``COMMANDS`` provides ``add_arguments(parser)`` and ``run(args) -> int`` and is
+imported only when its command runs. Errors the user can fix (bad URL, bad file, bad setting)
+are raised as ``UsageError``/``ConfigError``: one line on stderr, exit code 2, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import ConfigError
 
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("poolwatch.demo", "run an instrumented app under load, with a live view"),
+}
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+
+class UsageError(Exception):
+    """Something the user gave cannot be used; the message says what and how to fix it."""
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
 
 
-def _port(text: str) -> int:
+def port(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -26,32 +44,26 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poolwatch", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="run an instrumented app under load, with a live view")
-    demo.add_argument("--duration", type=_positive, help="stop after this many seconds")
-    demo.add_argument("--database-url", help="SQLAlchemy async URL (default: SQLite in a temp dir)")
-    demo.add_argument("--port", type=_port, default=8000, help="app port (default 8000)")
-    demo.add_argument(
-        "--metrics-port", type=_port, default=9464, help="/metrics port (default 9464)"
-    )
+    parser = argparse.ArgumentParser(prog="poolwatch", description="poolwatch")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module_name)
+        # Subcommand arguments are declared by the module; import is cheap (no heavy imports
+        # at module level in command modules).
+        importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from . import demo
-
-            return demo.run(args.duration, args.database_url, args.port, args.metrics_port)
-    except ConfigError as exc:
-        print(f"poolwatch: {exc}", file=sys.stderr)
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        print(f"poolwatch {args.command}: {exc}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -137,7 +137,20 @@ class Load(threading.Thread):
             await asyncio.sleep(0.1 if route == "/report" else 0.005)
 
 
-def run(duration: float | None, database_url: str | None, port: int, metrics_port: int) -> int:
+def add_arguments(parser: Any) -> None:
+    from .cli import port, positive_seconds
+
+    parser.add_argument("--duration", type=positive_seconds, help="stop after this many seconds")
+    parser.add_argument("--database-url", help="SQLAlchemy async URL (default: SQLite, temp dir)")
+    parser.add_argument("--port", type=port, default=8000, help="app port (default 8000)")
+    parser.add_argument("--metrics-port", type=port, default=9464, help="/metrics port (9464)")
+
+
+def run(args: Any) -> int:
+    return serve(args.duration, args.database_url, args.port, args.metrics_port)
+
+
+def serve(duration: float | None, database_url: str | None, port: int, metrics_port: int) -> int:
     import uvicorn
 
     from .view import parse, render_lines

@@ -184,3 +184,56 @@ AGENT_ERRORS = _m(
     "{error}",
     "Exceptions caught inside poolwatch hooks (the app's call went on).",
 )
+
+# --- aiohttp client connection pools ---
+HTTP_CLIENT_OPEN = _m(
+    "http.client.open_connections",
+    UPDOWN,
+    "{connection}",
+    "Open client connections by http.connection.state (active|idle).",
+)
+HTTP_CLIENT_DURATION = _m(
+    "http.client.connection.duration", HISTOGRAM, "s", "Lifetime of closed client connections."
+)
+AIOHTTP_LIMIT = _m(
+    "aiohttp.client.connection.limit",
+    GAUGE,
+    "{connection}",
+    "TCPConnector limit (scope=total) and limit_per_host (scope=per_host).",
+)
+AIOHTTP_PENDING = _m(
+    "aiohttp.client.pending_requests",
+    UPDOWN,
+    "{request}",
+    "Requests queued for a connection by the connector's limits.",
+)
+AIOHTTP_WAIT_TIME = _m(
+    "aiohttp.client.connection.wait_time",
+    HISTOGRAM,
+    "s",
+    "Time requests spent queued for a connection.",
+)
+
+# --- HTTP server ---
+HTTP_SERVER_DURATION = _m(
+    "http.server.request.duration", HISTOGRAM, "s", "Duration of HTTP server requests."
+)
+HTTP_SERVER_ACTIVE = _m(
+    "http.server.active_requests", UPDOWN, "{request}", "HTTP server requests in flight."
+)
+
+# --- asyncio event loop ---
+LOOP_LAG = _m(
+    "asyncio.event_loop.lag",
+    HISTOGRAM,
+    "s",
+    "How late the loop ran a timer callback (event-loop lag).",
+)
+LOOP_BLOCKS = _m(
+    "asyncio.event_loop.blocks",
+    COUNTER,
+    "{block}",
+    "Times the loop was blocked longer than POOLWATCH_BLOCK_THRESHOLD, by culprit.",
+)
+LOOP_BLOCKED = _m("asyncio.event_loop.blocked", COUNTER, "s", "Total seconds the loop was blocked.")
+LOOP_TASKS = _m("asyncio.tasks", UPDOWN, "{task}", "Pending tasks of the event loop.")
