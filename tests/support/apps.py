@@ -59,7 +59,8 @@ def start_app(
     port, metrics_port = free_port(), free_port()
     full_env = {
         **os.environ,
-        "PYTHONPATH": REPO,
+        # this checkout's package first, whatever is installed in the environment
+        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "agent")]),
         "POOLWATCH_METRICS_PORT": str(metrics_port if metrics else 0),
     }
     full_env.update(env or {})
