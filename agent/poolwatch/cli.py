@@ -16,6 +16,7 @@ from .config import ConfigError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("poolwatch.demo", "run an instrumented app under load, with a live view"),
+    "generate": ("poolwatch.generate", "write alerts, dashboards and chart files from the table"),
 }
 
 
@@ -66,5 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m poolwatch.cli`: run the package's module, not a copy
+    from poolwatch.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,5 @@
+import sys
+
+from poolwatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Loads the threshold table (``thresholds.toml`` in this package) and optional overrides."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^[0-9]+(ms|s|m|h|d)$")
+
+
+class ThresholdError(ValueError):
+    """An override file cannot be used; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    key: str
+    unit: str
+    warning: float
+    critical: float
+    for_: str  # Prometheus duration, e.g. "5m"
+
+    def level(self, value: float) -> str:
+        """ "ok", "warning" or "critical" for an observed value (the alerts use ">")."""
+        if value > self.critical:
+            return "critical"
+        if value > self.warning:
+            return "warning"
+        return "ok"
+
+
+def _parse(
+    data: dict[str, Any], where: str, base: dict[str, Threshold] | None
+) -> dict[str, Threshold]:
+    out = dict(base or {})
+    for key, entry in data.items():
+        if base is not None and key not in base:
+            raise ThresholdError(
+                f"{where}: unknown signal {key!r}; known signals are {', '.join(sorted(base))}"
+            )
+        if not isinstance(entry, dict):
+            raise ThresholdError(f"{where}: [{key}] must be a table of warning/critical/for")
+        current = out.get(key) or Threshold(key, str(entry.get("unit", "")), 0.0, 0.0, "5m")
+        changes: dict[str, Any] = {}
+        for field, value in entry.items():
+            if field in ("warning", "critical"):
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise ThresholdError(
+                        f"{where}: {key}.{field} = {value!r} must be a number >= 0"
+                    )
+                changes[field] = float(value)
+            elif field == "for":
+                if not isinstance(value, str) or not _DURATION.match(value):
+                    raise ThresholdError(
+                        f'{where}: {key}.for = {value!r} must be a duration like "5m" or "30s"'
+                    )
+                changes["for_"] = value
+            elif field == "unit" and base is None:
+                changes["unit"] = value
+            else:
+                raise ThresholdError(
+                    f"{where}: {key}.{field} is not a setting (use warning, critical, for)"
+                )
+        out[key] = replace(current, **changes)
+        if out[key].warning > out[key].critical:
+            raise ThresholdError(f"{where}: {key}.warning must not exceed {key}.critical")
+    return out
+
+
+def defaults() -> dict[str, Threshold]:
+    text = resources.files("poolwatch").joinpath("thresholds.toml").read_text()
+    return _parse(tomllib.loads(text), "thresholds.toml", None)
+
+
+def load(overrides: str | Path | None = None) -> dict[str, Threshold]:
+    """The table, with an override file (same shape, only the keys to change) applied."""
+    table = defaults()
+    if overrides is None:
+        return table
+    path = Path(overrides)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ThresholdError(f"{path}: cannot read the override file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ThresholdError(f"{path}: not valid TOML ({exc})") from None
+    return _parse(data, str(path), table)
