@@ -90,6 +90,31 @@ async def apg_hold(seconds: float = 0.3):
     return {"ok": True}
 
 
+def _error(exc: Exception) -> JSONResponse:
+    """The app's own error, as the client sees it: library module and exception type."""
+    return JSONResponse({"error": f"{type(exc).__module__}.{type(exc).__name__}"}, status_code=500)
+
+
+@app.get("/sa/query")
+async def sa_query():
+    from sqlalchemy import text
+
+    try:
+        async with state["engine"].connect() as conn:
+            return {"value": (await conn.execute(text("SELECT 1"))).scalar()}
+    except Exception as exc:
+        return _error(exc)
+
+
+@app.get("/apg/query")
+async def apg_query():
+    try:
+        async with state["pool"].acquire(timeout=2) as conn:
+            return {"value": await conn.fetchval("SELECT 1")}
+    except Exception as exc:
+        return _error(exc)
+
+
 @app.get("/block")
 async def block(seconds: float = 1.0):
     time.sleep(seconds)  # the bug we want to see: a sync call on the event loop
@@ -101,4 +126,5 @@ async def ok():
     return {"ok": True}
 
 
-instrument(app)
+if os.environ.get("TEST_APP_BARE") != "1":  # the same app without poolwatch, for comparisons
+    instrument(app)

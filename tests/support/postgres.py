@@ -74,7 +74,18 @@ class Postgres:
         )
 
     def restart(self) -> None:
-        self._run(f"{self.bindir}/pg_ctl", "-D", f"{self.root}/data", "-m", "fast", "-w", "restart")
+        # -l: the restarted server must not inherit (and hold open) our captured stdout
+        self._run(
+            f"{self.bindir}/pg_ctl",
+            "-D",
+            f"{self.root}/data",
+            "-l",
+            f"{self.root}/server.log",
+            "-m",
+            "fast",
+            "-w",
+            "restart",
+        )
 
     def psql(self, *commands: str) -> str:
         args = [
