@@ -28,7 +28,7 @@ PHASES = (
 POOL_SIZE, MAX_OVERFLOW, POOL_TIMEOUT = 4, 2, 0.25
 
 
-def build_app(database_url: str, upstream_url: str) -> Any:
+def build_app(database_url: str, upstream_url: str, instrumented: bool = True) -> Any:
     import aiohttp
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
@@ -68,7 +68,7 @@ def build_app(database_url: str, upstream_url: str) -> Any:
         time.sleep(0.25)  # a sync call on the event loop: the bug the demo shows
         return {"ok": True}
 
-    return instrument(app)
+    return instrument(app) if instrumented else app
 
 
 async def _upstream(port: int) -> Any:
