@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,6 +68,21 @@ def run_exporter(*args: str, env: dict[str, str] | None = None, wait: bool = Tru
     return exporter
 
 
+class WorkersServer(AppServer):
+    """A server with worker processes, in its own process group so that none outlives it."""
+
+    def stop(self) -> None:
+        # SIGTERM: graceful for both servers (gunicorn 27 with uvicorn workers waits out its
+        # whole graceful timeout on SIGINT, then a killed master would orphan the workers).
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of the group
+        self.proc.wait(timeout=5)
+
+
 def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -> AppServer:
     """``target`` under gunicorn with uvicorn workers, or ``uvicorn --workers``."""
     port = free_port()
@@ -84,8 +100,15 @@ def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -
     full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, "POOLWATCH_METRICS_PORT": "0", **env}
     log_path = _log_file(f"poolwatch-{server}-")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    app = AppServer(proc, port, 0, log_path, full_env)
+        proc = subprocess.Popen(
+            cmd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    app = WorkersServer(proc, port, 0, log_path, full_env)
     try:
         wait_for_port(port, proc=proc)
     except Exception:
