@@ -90,7 +90,10 @@ class Agent:
             if self.started:
                 return
             settings = self.settings or self.configure({})
-            self._start_prometheus(settings)
+            if settings.multiproc_dir:
+                self._start_multiproc(settings)  # `poolwatch exporter` serves this worker
+            else:
+                self._start_prometheus(settings)
             for name, module in list(self._probes.items()):
                 if module is not None and hasattr(module, "start"):
                     try:
@@ -128,6 +131,34 @@ class Agent:
             ) from None
         self.metrics_port = server.port
         self._stops.append(server.stop)
+
+    def _start_multiproc(self, settings: Settings) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from .exporters.multiproc import Publisher, WorkerIdInUse
+        from .exporters.prometheus import PoolwatchCollector
+
+        directory = settings.multiproc_dir or ""
+        worker = settings.worker or str(os.getpid())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PoolwatchCollector(self.registry.collect, {"worker": worker}))
+        try:
+            publisher = Publisher(directory, worker, lambda: generate_latest(registry))
+        except WorkerIdInUse:
+            raise StartupError(
+                f"POOLWATCH_WORKER={worker}: another live process in POOLWATCH_MULTIPROC_DIR="
+                f"{directory} publishes as this worker. Give each worker its own id, or unset "
+                "POOLWATCH_WORKER (the default is the process id)."
+            ) from None
+        except OSError as exc:
+            raise StartupError(
+                f"POOLWATCH_MULTIPROC_DIR={directory}: cannot write there "
+                f"({exc.strerror or exc}). Make it a directory this process can write (in "
+                "Kubernetes, an emptyDir mounted in the app and the exporter containers), or "
+                "unset POOLWATCH_MULTIPROC_DIR to serve /metrics from this process."
+            ) from None
+        self._stops.append(publisher.stop)
+        logger.info("poolwatch publishes for `poolwatch exporter`", path=publisher.path)
 
     def stop(self) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ from .config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("poolwatch.demo", "run an instrumented app under load, with a live view"),
     "generate": ("poolwatch.generate", "write alerts, dashboards and chart files from the table"),
+    "exporter": ("poolwatch.exporter", "serve /metrics of every worker in a shared directory"),
 }
 
 

@@ -237,3 +237,42 @@ LOOP_BLOCKS = _m(
 )
 LOOP_BLOCKED = _m("asyncio.event_loop.blocked", COUNTER, "s", "Total seconds the loop was blocked.")
 LOOP_TASKS = _m("asyncio.tasks", UPDOWN, "{task}", "Pending tasks of the event loop.")
+
+# --- `poolwatch exporter`, the sidecar of several workers ---
+EXPORTER_WORKERS = _m(
+    "poolwatch.exporter.workers",
+    GAUGE,
+    "{worker}",
+    "Live workers whose metrics this exporter serves (files in POOLWATCH_MULTIPROC_DIR).",
+)
+
+# --- PostgreSQL server view (`poolwatch exporter --postgres-dsn`); no semconv exists: the names
+# follow the OpenTelemetry Collector's postgresql receiver where it has one (connection.max) ---
+PG_UP = _m(
+    "postgresql.up",
+    GAUGE,
+    "1",
+    "1 when the exporter's last query of the database server succeeded, else 0.",
+)
+PG_CONNECTION_MAX = _m(
+    "postgresql.connection.max", GAUGE, "{connection}", "The server's max_connections setting."
+)
+PG_CONNECTION_RESERVED = _m(
+    "postgresql.connection.reserved",
+    GAUGE,
+    "{connection}",
+    "Connection slots ordinary roles cannot use: superuser_reserved_connections "
+    "+ reserved_connections (PostgreSQL 16+).",
+)
+PG_CONNECTION_COUNT = _m(
+    "postgresql.connection.count",
+    GAUGE,
+    "{connection}",
+    "Client backends by database, state and application_name (pg_stat_activity).",
+)
+PG_IDLE_IN_TRANSACTION = _m(
+    "postgresql.idle_in_transaction.max_age",
+    GAUGE,
+    "s",
+    "Longest time a session has been idle in transaction, by database and application_name.",
+)

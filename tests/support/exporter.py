@@ -1,0 +1,117 @@
+"""``poolwatch exporter`` as a real subprocess, and app servers with several workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from .apps import REPO, AppServer
+from .net import free_port, scrape, wait_for_port
+
+PYTHONPATH = os.pathsep.join([REPO, os.path.join(REPO, "agent")])
+
+
+@dataclass
+class Exporter:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def scrape(self, **kwargs):
+        return scrape(self.url + "/metrics", **kwargs)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+
+def _log_file(prefix: str) -> str:
+    log = tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", delete=False)  # noqa: SIM115
+    log.close()
+    return log.name
+
+
+def run_exporter(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Exporter:
+    """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``."""
+    port = free_port()
+    log_path = _log_file("poolwatch-exporter-")
+    full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
+    cmd = [sys.executable, "-m", "poolwatch", "exporter", "--port", str(port), *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    exporter = Exporter(proc, port, log_path)
+    if wait:
+        try:
+            wait_for_port(port, proc=proc)
+        except Exception:
+            exporter.stop()
+            raise RuntimeError(f"exporter did not start:\n{exporter.log()}") from None
+    return exporter
+
+
+class WorkersServer(AppServer):
+    """A server with worker processes, in its own process group so that none outlives it."""
+
+    def stop(self) -> None:
+        # SIGTERM: graceful for both servers (gunicorn 27 with uvicorn workers waits out its
+        # whole graceful timeout on SIGINT, then a killed master would orphan the workers).
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of the group
+        self.proc.wait(timeout=5)
+
+
+def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -> AppServer:
+    """``target`` under gunicorn with uvicorn workers, or ``uvicorn --workers``."""
+    port = free_port()
+    bind = ["127.0.0.1", str(port)]
+    if server == "gunicorn":
+        cmd = [
+            *(sys.executable, "-m", "gunicorn", target, "-k", "uvicorn_worker.UvicornWorker"),
+            *("-w", str(workers), "-b", ":".join(bind), "--log-level", "warning"),
+        ]
+    else:
+        cmd = [
+            *(sys.executable, "-m", "uvicorn", target, "--workers", str(workers)),
+            *("--host", bind[0], "--port", bind[1], "--log-level", "warning"),
+        ]
+    full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, "POOLWATCH_METRICS_PORT": "0", **env}
+    log_path = _log_file(f"poolwatch-{server}-")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    app = WorkersServer(proc, port, 0, log_path, full_env)
+    try:
+        wait_for_port(port, proc=proc)
+    except Exception:
+        app.stop()
+        raise RuntimeError(f"{server} did not start:\n{app.log()}") from None
+    return app
