@@ -75,8 +75,9 @@ async def soak(server, seconds: float, clients: int = 4, sample_every: float = 5
     async def sampler() -> None:
         while (elapsed := loop.time() - start) < seconds:
             result.rss.append((elapsed, rss_bytes(server.proc.pid)))
-            samples = await asyncio.to_thread(scrape, server.metrics_url)
-            result.series.append((elapsed, len(samples.samples)))
+            if server.metrics_port:  # a bare app has no /metrics
+                samples = await asyncio.to_thread(scrape, server.metrics_url)
+                result.series.append((elapsed, len(samples.samples)))
             await asyncio.sleep(sample_every)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
