@@ -195,7 +195,7 @@ def test_panels_explain_themselves_and_filter_by_every_variable():
             assert used <= set(variables) | BUILTINS, f"{target.name}: {used}"
             for var in ("namespace", "job", "service", "instance", "worker"):
                 assert f'{var}=~"${var}"' in target.expr, f"{target.name}: no ${var} filter"
-            series = set(METRIC.findall(target.expr)) - {"by", "on", "ignoring", "without"}
+            series = set(METRIC.findall(target.expr))
             assert series <= known, f"{target.name}: not in the metric contract: {series - known}"
     assert uids == set(UID.values())
 
@@ -353,7 +353,7 @@ def resolve(prom, board: dict, start: float, end: float, drill: bool, sqlalchemy
 def check_target(prom, run: LiveRun, target: Target, mode: str, selection, start, end, names):
     expr = substitute(target.expr, selection, int(end - start))
     run.checked += 1
-    missing = sorted(set(METRIC.findall(target.expr)) - names - {"by", "on", "ignoring"})
+    missing = sorted(set(METRIC.findall(target.expr)) - names)
     try:
         if target.instant:
             result = prom.query(expr, at=end)
@@ -397,11 +397,19 @@ def live(postgres) -> LiveRun:
             )
             prom.wait_for_targets(len(apps))
             start = time.time()
-            load = threading.Thread(
-                target=asyncio.run, args=(drive([a.url for a in apps], LOAD_SECONDS),)
-            )
-            load.start()
-            load.join(timeout=LOAD_SECONDS + 60)
+            errors: list[BaseException] = []
+
+            def load() -> None:
+                try:
+                    asyncio.run(drive([a.url for a in apps], LOAD_SECONDS))
+                except BaseException as exc:  # re-raised below, in the test's thread
+                    errors.append(exc)
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            thread.join(timeout=LOAD_SECONDS + 60)
+            if errors:
+                raise errors[0]
             time.sleep(2)  # the last scrapes
             end = time.time()
             names = prom.metric_names()
