@@ -5,6 +5,7 @@ every panel query returns data from a real Prometheus scraping real instrumented
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -12,24 +13,32 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 
 from poolwatch import metrics
 from poolwatch.gen_dashboards import ALERT_PANELS, UID, panel_path, render
 from poolwatch.thresholds import defaults, load
 from tests.support.apps import REPO, start_app
+from tests.support.exporter import run_exporter, start_workers
 from tests.support.grafana_schema import schema_path
-from tests.support.prometheus import PromQLError, start_prometheus
+from tests.support.postgres import PASSWORD
+from tests.support.prometheus import Prometheus, PromQLError, start_prometheus
 from tests.support.upstream import Upstream
 
+APP = "tests.apps.dashboard_app:app"
+POOL_LABEL = "db_client_connection_pool_name"
 DASHBOARDS = sorted((Path(REPO) / "dashboards").glob("*.json"))
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 BUILTINS = {"__rate_interval", "__range", "__interval"}
 METRIC = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{")
+VARIABLE = re.compile(r"\$([A-Za-z_]\w*)")  # $1, $2 are label_replace references, not variables
+SERVER_WIDE = "Not filtered by the variables"  # the database server's view: shared by all
 
 
 def load_dashboard(path: Path) -> dict:
@@ -45,6 +54,7 @@ class Target:
     expr: str
     instant: bool
     repeat: str | None  # the variable the panel's row repeats over
+    server_wide: bool  # the panel says it ignores the variables
 
     @property
     def name(self) -> str:
@@ -67,6 +77,7 @@ def targets(dashboard: dict) -> list[Target]:
                     target["expr"],
                     bool(target.get("instant")),
                     repeat,
+                    SERVER_WIDE in panel["description"],
                 )
             )
     return out
@@ -145,10 +156,6 @@ def test_thresholds_lines_and_colours_come_from_the_table(tmp_path):
         boards = {(d := json.loads(text))["uid"]: d for text in render(table).values()}
         assert set(ALERT_PANELS) == set(table), "every signal has a panel to link to"
         for signal, (uid, panel_id) in ALERT_PANELS.items():
-            if signal == "fleet_connection_budget":
-                # The ratio needs the server's max_connections from the sidecar (issue 8); until
-                # then the panel shows the fleet's summed pool max, a count: no ratio threshold.
-                continue
             t = table[signal]
             assert _steps(boards[uid], panel_id) == [
                 (None, "green"),
@@ -191,8 +198,10 @@ def test_panels_explain_themselves_and_filter_by_every_variable():
             assert len(panel.get("description", "")) > 60, f"{where}: no real description"
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         for target in targets(board):
-            used = set(re.findall(r"\$(\w+)", target.expr))
+            used = set(VARIABLE.findall(target.expr))
             assert used <= set(variables) | BUILTINS, f"{target.name}: {used}"
+            if target.server_wide:
+                continue
             for var in ("namespace", "job", "service", "instance", "worker"):
                 assert f'{var}=~"${var}"' in target.expr, f"{target.name}: no ${var} filter"
             series = set(METRIC.findall(target.expr))
@@ -268,7 +277,7 @@ def substitute(expr: str, selection: dict[str, str | None], range_seconds: int) 
         value = selection[name]
         return ".*" if value is None else regex_value(value)
 
-    return re.sub(r"\$(\w+)", one, expr)
+    return VARIABLE.sub(one, expr)
 
 
 @dataclass
@@ -299,6 +308,9 @@ class LiveRun:
     checked: int = 0
     selections: dict[str, dict[str, str | None]] = field(default_factory=dict)
     replica_labels: list[str] = field(default_factory=list)  # aggregated queries with instance
+    prefer: dict[str, str] = field(default_factory=dict)
+    prom: Prometheus | None = None
+    range: tuple[float, float] = (0.0, 0.0)
 
 
 async def drive(bases: list[str], seconds: float) -> None:
@@ -329,10 +341,10 @@ async def drive(bases: list[str], seconds: float) -> None:
             await asyncio.sleep(0.2)
 
 
-def resolve(prom, board: dict, start: float, end: float, drill: bool, sqlalchemy_pool: str):
-    """Variable values as Grafana resolves them (chained ``label_values`` queries): all set to
-    All, or each set to a real value in turn (the SQLAlchemy pool, where pool-specific panels
-    exist; else the first value)."""
+def resolve(prom, board: dict, start: float, end: float, mode: str, prefer: dict[str, str]):
+    """Variable values as Grafana resolves them (chained ``label_values`` queries): all on All,
+    or (drill-down) each set to a real value: ``prefer``'s where listed (the SQLAlchemy pool,
+    which has every pool panel's series; the replica with workers), else the first."""
     selection: dict[str, str | None] = {}
     options: dict[str, list[str]] = {}
     for variable in board["templating"]["list"]:
@@ -342,8 +354,9 @@ def resolve(prom, board: dict, start: float, end: float, drill: bool, sqlalchemy
         selector = substitute(metric, selection, int(end - start))
         values = sorted({s[label] for s in prom.series(selector, start, end) if label in s})
         options[variable["name"]] = values
-        if drill and values:
-            chosen = sqlalchemy_pool if variable["name"] == "pool" else values[0]
+        if mode == "drill-down" and values:
+            chosen = prefer.get(variable["name"], values[0])
+            assert chosen in values, f"{chosen} is not a value of ${variable['name']}: {values}"
             selection[variable["name"]] = chosen
         else:
             selection[variable["name"]] = None
@@ -372,70 +385,92 @@ def check_target(prom, run: LiveRun, target: Target, mode: str, selection, start
         run.replica_labels.append(target.name)
 
 
+def last_all_up(prom: Prometheus, start: float, end: float, targets: int) -> float:
+    """The last second at which every target's latest scrape succeeded. A failed scrape (1 s
+    timeout, a busy machine) marks the target's gauges stale, and an instant query at that
+    moment rightly shows nothing: the instant panels are judged as seen at a healthy moment."""
+    points = prom.query_range("count(up == 1)", start, end)
+    healthy = [ts for ts, value in points[0]["values"] if int(value) == targets] if points else []
+    assert healthy, f"never all {targets} targets up between {start} and {end}"
+    return float(healthy[-1])
+
+
+def run_load(bases: list[str], seconds: float) -> None:
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            asyncio.run(drive(bases, seconds))
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    thread.join(timeout=seconds + 60)
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture(scope="module")
-def live(postgres) -> LiveRun:
-    """Two replicas of tests/apps/dashboard_app.py (SQLAlchemy + asyncpg pools on PostgreSQL, an
-    aiohttp session to a real upstream, a blocking route) under load, scraped every second by a
-    real Prometheus as Kubernetes would label them; then every target of every dashboard is run
-    through the Prometheus HTTP API, with variables on All and drilled down to real values."""
+def live(postgres, tmp_path_factory) -> Iterator[LiveRun]:
+    """A fleet of tests/apps/dashboard_app.py (SQLAlchemy + asyncpg pools on PostgreSQL, an
+    aiohttp session to a real upstream, a blocking route) under load: one replica with two
+    uvicorn workers behind ``poolwatch exporter --postgres-dsn`` (``worker`` labels, the server
+    view), one single-process replica. A real Prometheus scrapes both every second, labelled as
+    Kubernetes would; then every target of every dashboard is run through its HTTP API, with
+    the variables on All and drilled down to real values."""
     run = LiveRun()
-    with Upstream() as upstream:
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(Upstream())
         env = {
             "SA_URL": postgres.dsn("postgresql+asyncpg"),
             "ASYNCPG_DSN": postgres.dsn(),
             "UPSTREAM_URL": upstream.url,
             "POOLWATCH_LEAK_THRESHOLD": "0.25",
         }
-        apps = []
-        prom = None
-        try:
-            apps = [start_app("tests.apps.dashboard_app:app", env) for _ in range(2)]
-            prom = start_prometheus(
-                [f"127.0.0.1:{app.metrics_port}" for app in apps],
-                job="checkout-api",
-                labels={"namespace": "shop", "service": "checkout"},
-            )
-            prom.wait_for_targets(len(apps))
-            start = time.time()
-            errors: list[BaseException] = []
-
-            def load() -> None:
-                try:
-                    asyncio.run(drive([a.url for a in apps], LOAD_SECONDS))
-                except BaseException as exc:  # re-raised below, in the test's thread
-                    errors.append(exc)
-
-            thread = threading.Thread(target=load)
-            thread.start()
-            thread.join(timeout=LOAD_SECONDS + 60)
-            if errors:
-                raise errors[0]
-            time.sleep(2)  # the last scrapes
-            end = time.time()
-            names = prom.metric_names()
-            sa_pool = prom.query("sqlalchemy_pool_overflow")[0]["metric"][
-                "db_client_connection_pool_name"
-            ]
-            for path in DASHBOARDS:
-                board = load_dashboard(path)
-                for mode in ("all", "drill-down"):
-                    selection, options = resolve(
-                        prom, board, start, end, mode == "drill-down", sa_pool
-                    )
-                    run.selections[f"{board['uid']} {mode}"] = selection
-                    for target in targets(board):
-                        repeats = [None]
-                        if target.repeat and mode == "all":  # one panel per value, as Grafana
-                            repeats = options[target.repeat] or [None]
-                        for value in repeats:
-                            chosen = selection | ({target.repeat: value} if value else {})
-                            check_target(prom, run, target, mode, chosen, start, end, names)
-        finally:
-            if prom is not None:
-                prom.stop()
-            for app in apps:
-                app.stop()
-    return run
+        shared = str(tmp_path_factory.mktemp("multiproc"))
+        workers = start_workers("uvicorn", APP, 2, env | {"POOLWATCH_MULTIPROC_DIR": shared})
+        stack.callback(workers.stop)
+        exporter = run_exporter(
+            "--multiproc-dir",
+            shared,
+            "--postgres-dsn",
+            postgres.dsn(password=False),
+            env={"PGPASSWORD": PASSWORD},
+        )
+        stack.callback(exporter.stop)
+        single = start_app(APP, env)
+        stack.callback(single.stop)
+        prom = start_prometheus(
+            [f"127.0.0.1:{exporter.port}", f"127.0.0.1:{single.metrics_port}"],
+            job="checkout-api",
+            labels={"namespace": "shop", "service": "checkout"},
+        )
+        stack.callback(prom.stop)
+        prom.wait_for_targets(2)
+        start = time.time()
+        run_load([workers.url, single.url], LOAD_SECONDS)
+        time.sleep(2)  # the last scrapes
+        end = last_all_up(prom, start, time.time(), targets=2)
+        names = prom.metric_names()
+        run.prefer = {
+            "instance": f"127.0.0.1:{exporter.port}",  # the replica that has workers
+            "pool": prom.query("sqlalchemy_pool_overflow")[0]["metric"][POOL_LABEL],
+        }
+        for path in DASHBOARDS:
+            board = load_dashboard(path)
+            for mode in ("all", "drill-down"):
+                selection, options = resolve(prom, board, start, end, mode, run.prefer)
+                run.selections[f"{board['uid']} {mode}"] = selection
+                for target in targets(board):
+                    repeats = [None]
+                    if target.repeat and mode == "all":  # one panel per value, as Grafana
+                        repeats = options[target.repeat] or [None]
+                    for value in repeats:
+                        chosen = selection | ({target.repeat: value} if value else {})
+                        check_target(prom, run, target, mode, chosen, start, end, names)
+        run.prom, run.range = prom, (start, end)
+        yield run
 
 
 def test_panels_on_merged_probes_return_data(live):
@@ -461,8 +496,35 @@ def test_variables_resolve_to_real_values_and_queries_aggregate_replicas(live):
     selection = live.selections[f"{UID['db']} drill-down"]
     assert selection["namespace"] == "shop" and selection["service"] == "checkout"
     assert selection["job"] == "checkout-api"
-    assert selection["instance"].startswith("127.0.0.1:")
-    assert selection["pool"]  # a real pool name
-    assert selection["worker"] is None  # one worker per target: no worker label
-    # Default (All) view: one series per service/pool/host, never one per replica.
+    assert selection["instance"] == live.prefer["instance"]
+    assert selection["worker"] and selection["worker"].isdigit()  # a worker's pid
+    assert selection["pool"] == live.prefer["pool"]
+    # All is ".*": it matches the two workers of one replica and the replica without a worker
+    # label alike, and the default view aggregates them: no series per replica.
+    all_processes = substitute(
+        'count(poolwatch_build_info{namespace=~"$namespace", job=~"$job", service=~"$service", '
+        'instance=~"$instance", worker=~"$worker"})',
+        dict.fromkeys(selection),
+        0,
+    )
+    assert float(live.prom.query(all_processes, at=live.range[1])[0]["value"][1]) == 3
     assert not live.replica_labels, live.replica_labels
+
+
+def test_fleet_budget_counts_every_replicas_pools_against_the_server(live, postgres):
+    """Three processes (two workers + one single replica), each with a SQLAlchemy pool of max
+    2 + 1 and an asyncpg pool of max 3: 18 connections against max_connections - reserved."""
+    board = load_dashboard(Path(REPO) / "dashboards" / "database-pools.json")
+    uid, panel_id = ALERT_PANELS["fleet_connection_budget"]
+    assert uid == board["uid"]
+    panel = next(p for p in board["panels"] if p["id"] == panel_id)
+    result = live.prom.query(panel["targets"][0]["expr"], at=live.range[1])
+    with psycopg.connect(postgres.dsn()) as conn:
+        max_connections, reserved = (
+            int(conn.execute(f"SHOW {name}").fetchone()[0])
+            for name in ("max_connections", "superuser_reserved_connections")
+        )
+    assert [r["metric"] for r in result] == [
+        {"server_address": postgres.host, "server_port": str(postgres.port)}
+    ]
+    assert float(result[0]["value"][1]) == pytest.approx(18 / (max_connections - reserved))

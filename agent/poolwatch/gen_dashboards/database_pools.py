@@ -6,8 +6,10 @@ from ..thresholds import Threshold
 from .kit import (
     JP,
     POOL,
+    SERVER,
     P,
     buckets,
+    fleet_budget,
     gd,
     graph,
     heatmap_panel,
@@ -15,9 +17,11 @@ from .kit import (
     new_dashboard,
     overflow_ratio,
     per_minute,
+    pools_max_by_server,
     quantile,
     query,
     row,
+    server_usable,
     unit_text,
     used_ratio,
     worst_p99,
@@ -26,7 +30,7 @@ from .kit import (
 
 def build(t: dict[str, Threshold]) -> gd.Dashboard:
     util, wait, timeouts = t["pool_utilization"], t["connection_wait_p99"], t["failed_checkouts"]
-    overflow = t["overflow_usage"]
+    overflow, budget = t["overflow_usage"], t["fleet_connection_budget"]
     legend = f"{{{{job}}}} {{{{{P}}}}}"
     one = POOL  # inside the repeated row, $pool is one pool
     board = (
@@ -120,7 +124,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                     )
                 ],
                 unit="cpm",
-                width=8,
+                width=12,
             )
         )
         .with_panel(
@@ -132,18 +136,69 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "forgets to close its session (the agent log names the pool).",
                 [query(per_minute("poolwatch_connection_leaks_total", POOL, JP), legend)],
                 unit="cpm",
+                width=12,
+            )
+        )
+        .with_row(row(300, "Database server (poolwatch exporter --postgres-dsn)"))
+        .with_panel(
+            graph(
+                8,
+                "Fleet connection budget",
+                "Sum of the pool max of every replica of every service on a database server / "
+                "the server's max_connections minus reserved connections: what the fleet may "
+                f"open against what the server accepts. {limits(budget)} Above 100 % a burst "
+                "or a scale-out gets 'too many clients' errors. Lower pool sizes, put PgBouncer "
+                "in front, or raise max_connections. Not filtered by the variables: the budget "
+                "is shared by every client of the server; pools with a custom name are not "
+                "counted (the server is read from the default name host:port/database).",
+                [query(fleet_budget(), "{{server_address}}:{{server_port}}")],
+                unit="percentunit",
+                threshold=budget,
                 width=8,
             )
         )
         .with_panel(
             graph(
-                8,
-                "Fleet pool capacity",
-                "Sum of every replica's pool max per pool: the connections the fleet may open. "
-                "It must stay below the server's max_connections minus reserved connections "
-                "(fleet connection budget); scaling replicas out multiplies it.",
-                [query(f"sum by ({JP}) (db_client_connection_max{{{POOL}}})", legend)],
+                9,
+                "Server connections by state",
+                "Client connections the database server holds, by state (pg_stat_activity), "
+                "stacked; red dashed: max_connections minus reserved; purple dashed: the sum "
+                "of every replica's pool max. Many 'idle' with few 'active' means pools are "
+                "larger than the load needs; 'idle in transaction' holds a connection while "
+                "the application does something else. Not filtered by the variables.",
+                [
+                    query(
+                        f"sum by ({SERVER}, state) (max by ({SERVER}, db_namespace, state, "
+                        "application_name) (postgresql_connection_count))",
+                        "{{server_address}}:{{server_port}} {{state}}",
+                    ),
+                    query(server_usable(), "usable max_connections"),
+                    query(pools_max_by_server(), "pools' max, all replicas"),
+                ],
                 unit="short",
+                stack=True,
+                limit_refs=("B", "C"),
+                width=8,
+            )
+        )
+        .with_panel(
+            graph(
+                17,
+                "Longest idle in transaction",
+                "The longest time a session has been 'idle in transaction', per application: a "
+                "transaction left open while the code awaits something else (an HTTP call, a "
+                "leaked session). It holds a connection and row locks: find the code path by "
+                "application_name and close the transaction before slow work. 0 when none. Not "
+                "filtered by the variables.",
+                [
+                    query(
+                        f"max by ({SERVER}, application_name) "
+                        "(postgresql_idle_in_transaction_max_age_seconds) "
+                        f"or max by ({SERVER}) (postgresql_up) * 0",
+                        "{{server_address}}:{{server_port}} {{application_name}}",
+                    )
+                ],
+                unit="s",
                 width=8,
             )
         )

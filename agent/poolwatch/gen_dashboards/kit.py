@@ -102,6 +102,30 @@ def connector_ratio(scope: str, hosts: str = HOST) -> str:
     )
 
 
+SERVER = "server_address, server_port"
+
+
+def pools_max_by_server() -> str:
+    """Sum of every pool's max over the whole fleet, per database server. The server comes from
+    the default pool name ``host:port/database``; pools given another name cannot be matched."""
+    with_server = (
+        f'label_replace(label_replace(db_client_connection_max, "server_address", "$1", "{P}", '
+        f'"(.+):([0-9]+)/.*"), "server_port", "$2", "{P}", "(.+):([0-9]+)/.*")'
+    )
+    return f"sum by ({SERVER}) ({with_server})"
+
+
+def server_usable() -> str:
+    """max_connections minus reserved slots, per server (``poolwatch exporter --postgres-dsn``;
+    several exporters see the same server: ``max`` keeps one)."""
+    return f"max by ({SERVER}) (postgresql_connection_max - postgresql_connection_reserved)"
+
+
+def fleet_budget() -> str:
+    """Fleet connection budget: all replicas' pool max / the server's usable connections."""
+    return f"{pools_max_by_server()} / on ({SERVER}) {server_usable()}"
+
+
 def http_errors(by: str) -> str:
     """5xx share of requests; 0 (not "no data") when there are requests but no errors."""
     count = "http_server_request_duration_seconds_count"
@@ -155,12 +179,14 @@ def _with_targets(panel, targets: Iterable[prometheus.Dataquery]):
     return panel
 
 
-NOT_STACKED = [
-    dm.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"}),
-    dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
-    dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
-    dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": "red"}),
-]
+def limit_line(color: str) -> list[dm.DynamicConfigValue]:
+    """Field overrides drawing a query as a dashed, unstacked, unfilled line of one colour."""
+    return [
+        dm.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"}),
+        dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+        dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
+        dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}),
+    ]
 
 
 def graph(
@@ -175,8 +201,10 @@ def graph(
     bars: bool = False,
     limit_refs: tuple[str, ...] = (),
     width: int = 12,
+    limit_colors: tuple[str, ...] = ("red", "purple"),
 ) -> timeseries.Panel:
-    """A time series; ``limit_refs`` are queries drawn as an unstacked red dashed limit line."""
+    """A time series; ``limit_refs`` are queries drawn as unstacked dashed limit lines (red,
+    then purple)."""
     panel = (
         timeseries.Panel()
         .id(panel_id)
@@ -210,8 +238,8 @@ def graph(
         panel = panel.stacking(common.StackingConfig().mode(cm.StackingMode.NORMAL).group("A"))
     if bars:
         panel = panel.draw_style(cm.GraphDrawStyle.BARS).fill_opacity(80)
-    for ref_id in limit_refs:
-        panel = panel.override_by_query(ref_id, NOT_STACKED)
+    for ref_id, color in zip(limit_refs, limit_colors, strict=False):
+        panel = panel.override_by_query(ref_id, limit_line(color))
     return _with_targets(panel, targets)
 
 
