@@ -50,6 +50,7 @@ HOST = f'{TARGET}, server_address=~"$host"'
 RATE = "$__rate_interval"
 P = "db_client_connection_pool_name"
 JP = f"job, {P}"  # fleet aggregation of pool panels: one series per service and pool
+SERVER = "server_address, server_port"  # a database server in the sidecar's view
 
 
 # --- PromQL -------------------------------------------------------------------------------------
@@ -100,9 +101,6 @@ def connector_ratio(scope: str, hosts: str = HOST) -> str:
         f" / on ({REPLICA}) group_left ()"
         f' (sum by ({REPLICA}) (aiohttp_client_connection_limit{{{TARGET}, scope="{scope}"}}) > 0)'
     )
-
-
-SERVER = "server_address, server_port"
 
 
 def pools_max_by_server() -> str:
