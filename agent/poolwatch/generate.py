@@ -13,6 +13,7 @@ from typing import Any
 from .thresholds import ThresholdError, load
 
 GENERATORS: list[str] = []  # modules, e.g. "poolwatch.gen_alerts"
+GENERATORS.append("poolwatch.gen_dashboards")
 
 
 def render_all(overrides: str | None = None) -> dict[str, str]:
