@@ -271,3 +271,54 @@ def test_not_a_poolwatch_endpoint_and_unknown_pool(app_server, postgres):
     assert "--pool 'nope' was not seen; pools seen: 127.0.0.1:" in result.stderr
     result = advise(server.metrics_url, "--max-connections", "-5")
     assert result.returncode == 2 and "--max-connections" in result.stderr
+
+
+async def test_advise_and_top_through_the_sidecar_with_its_server_view(postgres, tmp_path):
+    from tests.support.exporter import run_exporter, start_workers
+
+    directory = str(tmp_path / "mp")
+    env = {"POOLWATCH_MULTIPROC_DIR": directory, "SA_URL": postgres.dsn("postgresql+asyncpg")}
+    app = start_workers("uvicorn", APP, 2, env)
+    exporter = run_exporter(
+        "--multiproc-dir", directory, env={"POOLWATCH_POSTGRES_DSN": postgres.dsn()}
+    )
+    pool = f"127.0.0.1:{postgres.port}/app"
+    try:
+        deadline = time.monotonic() + 30
+        while len(exporter.scrape().find("db_client_connection_max")) < 2:
+            assert time.monotonic() < deadline, "the two workers' pools never showed"
+            time.sleep(0.2)
+        url = f"{exporter.url}/metrics"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "poolwatch.cli", "advise", url, "--window", "4",
+            "--interval", "0.5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await steady_load(f"{app.url}/sa/hold?seconds=0.05", 4, 5.0)
+        stdout, stderr = await proc.communicate()
+        output = stdout.decode()
+        assert proc.returncode == 0, stderr.decode()
+        assert f"{pool} (SQLAlchemy, 2 processes), now pool_size=2 max_overflow=1" in output
+        assert_formula(*observed(output))
+        # max_connections and reserved slots come from the exporter's view of the server.
+        assert (
+            "fleet: 2 processes (seen in the data; set --replicas/--workers); server "
+            "max_connections 200 - 3 reserved = 197 usable" in output
+        )
+        assert "now      2 x 3 = 6 connections, 3% of usable: fits" in output
+
+        top = subprocess.Popen(
+            [sys.executable, "-m", "poolwatch.cli", "top", url, "--interval", "0.5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COLUMNS": "160"},
+        )
+        time.sleep(1.5)
+        top.send_signal(subprocess.signal.SIGINT)
+        screen, err = top.communicate(timeout=10)
+        assert top.returncode == 0, err
+        rows = {line.split()[1] for line in screen.splitlines() if line.strip().startswith(pool)}
+        assert len(rows) == 2 and all(r.startswith("[") for r in rows)  # one row per worker
+    finally:
+        exporter.stop()
+        app.stop()

@@ -76,7 +76,8 @@ class Snapshot:
 
     @property
     def is_poolwatch(self) -> bool:
-        return "poolwatch_build_info" in self.other
+        """An agent's /metrics, or `poolwatch exporter`'s (which may have no worker yet)."""
+        return "poolwatch_build_info" in self.other or "poolwatch_exporter_workers" in self.other
 
 
 # sample name -> PoolRow attribute, for the plain (non-bucket) pool series
