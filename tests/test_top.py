@@ -135,6 +135,28 @@ def test_unreachable_or_foreign_endpoint_is_one_clear_line(app_server, postgres)
     assert result.returncode == 2 and "answered HTTP 404" in result.stderr
     result = top(server.metrics_url, "--interval", "0")
     assert result.returncode == 2 and "--interval" in result.stderr
+    result = top(server.metrics_url, "--thresholds", "/nonexistent/overrides.toml")
+    assert result.returncode == 2 and "cannot read the override file" in result.stderr
+
+
+def test_token_protected_endpoint(app_server, postgres):
+    env = {"SA_URL": postgres.dsn("postgresql+asyncpg"), "POOLWATCH_METRICS_TOKEN": "s3cret-tok"}
+    server = app_server("tests.apps.pool_app:app", env)
+    result = top(server.metrics_url)
+    assert result.returncode == 2
+    assert "answered 401 Unauthorized: give its bearer token with --token" in result.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolwatch.cli", "top", server.metrics_url, "--interval", "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**CLEAN_ENV, "POOLWATCH_METRICS_TOKEN": "s3cret-tok", "COLUMNS": "160"},
+    )
+    time.sleep(1.0)
+    proc.send_signal(subprocess.signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert f"127.0.0.1:{postgres.port}/app" in out and "s3cret-tok" not in out + err
 
 
 def test_piped_output_prints_frames_with_interval_rates(app_server, postgres):
