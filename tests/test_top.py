@@ -159,7 +159,7 @@ def test_token_protected_endpoint(app_server, postgres):
     assert f"127.0.0.1:{postgres.port}/app" in out and "s3cret-tok" not in out + err
 
 
-def test_piped_output_prints_frames_with_interval_rates(app_server, postgres):
+def test_piped_output_prints_frames_and_survives_the_app_going_away(app_server, postgres):
     server = app_server("tests.apps.pool_app:app", {"SA_URL": postgres.dsn("postgresql+asyncpg")})
     proc = subprocess.Popen(
         [sys.executable, "-m", "poolwatch.cli", "top", server.metrics_url, "--interval", "0.5"],
@@ -169,12 +169,15 @@ def test_piped_output_prints_frames_with_interval_rates(app_server, postgres):
         env={**CLEAN_ENV, "COLUMNS": "160"},  # piped: rich's width is 80 unless COLUMNS says
     )
     time.sleep(2.0)
+    server.stop()  # the app goes away: top keeps its last screen and says why
+    time.sleep(1.5)
     proc.send_signal(subprocess.signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    assert out.count("connection pools") >= 3  # one frame per refresh
-    assert "since start, rates next refresh" in out and "last 0.5s" in out
+    assert out.count("connection pools") >= 5  # one frame per refresh
+    assert "since start, rates next refresh" in out and re.search(r"last 0\.[5-9]s", out)
     assert f"127.0.0.1:{postgres.port}/app" in out
+    assert f"refresh failed, retrying: cannot reach {server.metrics_url}" in out
 
 
 def histogram(values: list[float]) -> HistogramValue:

@@ -52,24 +52,25 @@ def run(args: Any) -> int:
     console = Console()
     screen = Screen(args.url, args.interval, table)
     previous: Snapshot | None = None
-    taken, error = time.monotonic(), None
-    frame = screen.render(current, None, 0.0, None)
+    taken, elapsed = time.monotonic(), 0.0  # elapsed: between ``previous`` and ``current``
+    frame = screen.render(current, None, elapsed, None)
+    # On a terminal: an alternate screen redrawn in place, restored on exit, like top(1).
+    # Piped: one frame after another, for logs.
+    live: Any = (
+        Live(frame, console=console, screen=True, auto_refresh=False)
+        if console.is_terminal
+        else _Printer(console, frame)
+    )
     try:
-        # On a terminal: an alternate screen redrawn in place, restored on exit, like top(1).
-        # Piped: one frame after another, for logs.
-        with (
-            Live(frame, console=console, screen=True, auto_refresh=False)
-            if (console.is_terminal)
-            else _Printer(console, frame) as live
-        ):
+        with live:
             while True:
                 time.sleep(args.interval)
+                error = None
                 try:
                     snap, now = fetch(args.url, args.token), time.monotonic()
-                    previous, current, elapsed, error = current, snap, now - taken, None
-                    taken = now
+                    previous, current, elapsed, taken = current, snap, now - taken, now
                 except UsageError as exc:  # keep the last screen; say what went wrong
-                    elapsed, error = time.monotonic() - taken, str(exc)
+                    error = str(exc)
                 live.update(screen.render(current, previous, elapsed, error), refresh=True)
     except KeyboardInterrupt:
         return 0
