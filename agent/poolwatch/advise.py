@@ -90,7 +90,7 @@ def recommend(obs: Observation) -> Advice | None:
     )
     if obs.timeouts > 0 and obs.max is not None and burst < obs.max + 1:
         burst = obs.max + 1
-        why_burst = f"{obs.timeouts:g} timeouts: demand exceeded max {obs.max:g}, so >= {burst:g}"
+        why_burst = f"{obs.timeouts:.0f} timeouts: demand exceeded max {obs.max:g}, so >= {burst:g}"
     total = max(pool_size, math.ceil(burst * HEADROOM))
     reasoning = (
         f"{rate:.1f}/s x {_ms(hold)} mean hold = {busy:.1f} busy x {HEADROOM} -> "
@@ -235,7 +235,8 @@ class Prometheus:
                 hold_sum=hold_sum.get(pool, 0),
                 hold_count=hold_count.get(pool, 0),
                 peak_used=peak_used.get(pool, 0),
-                peak_demand=peak_demand.get(pool, peak_used.get(pool, 0)),
+                # the subquery's resolution may miss the raw peak: never below peak used
+                peak_demand=max(peak_demand.get(pool, 0), peak_used.get(pool, 0)),
                 pool_size=pool_size.get(pool),
                 max=maximum.get(pool),
                 sqlalchemy=pool in sqlalchemy,
@@ -414,7 +415,7 @@ def report(observations: list[Observation], where: str) -> list[str]:
             f"  observed   {obs.rate:.1f} checkouts/s per process "
             f"({obs.timeouts / obs.seconds / obs.processes:.1f}/s of them timed out), hold p50 "
             f"{_ms(p50)} p95 {_ms(p95)} mean {_ms(obs.hold_mean)}, peak used {obs.peak_used:g} "
-            f"(+{obs.peak_demand - obs.peak_used:g} pending), timeouts {obs.timeouts:g}"
+            f"(+{obs.peak_demand - obs.peak_used:g} pending), timeouts {obs.timeouts:.0f}"
         )
         advice = recommend(obs)
         if advice is None:
