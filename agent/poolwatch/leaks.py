@@ -38,7 +38,8 @@ class Checkout(NamedTuple):
 
     route: str | None
     taker: asyncio.Task[Any] | threading.Thread | None
-    stack: list[tuple[CodeType, int]]  # (code, f_lasti), innermost first
+    codes: list[CodeType]  # the stack, innermost first...
+    offsets: list[int]  # ...and each frame's f_lasti (parallel lists: no tuple per frame)
 
 
 class Leak(NamedTuple):
@@ -49,8 +50,8 @@ class Leak(NamedTuple):
 def _checkout() -> Checkout | None:
     # Runs on every checkout while leak detection is on: hand-written and inlined for cost
     # (bench/bench_leaks.py). traceback.extract_stack() would read line numbers and source
-    # now; code objects and instruction offsets are several times cheaper and keep no frame
-    # (nor its locals) alive.
+    # now; code objects and instruction offsets are several times cheaper, allocate no object
+    # per frame for the garbage collector to track, and keep no frame (nor its locals) alive.
     try:
         try:
             taker: Any = asyncio.current_task()
@@ -58,19 +59,21 @@ def _checkout() -> Checkout | None:
             taker = None
         if taker is None:
             taker = threading.current_thread()
-        stack: list[tuple[CodeType, int]] = []
+        codes: list[CodeType] = []
+        offsets: list[int] = []
         frame: Any = sys._getframe(2)  # the probe's wrapper (this and __setitem__ skipped)
         greenlet_module = sys.modules.get("greenlet")
         glet = greenlet_module.getcurrent() if greenlet_module is not None else None
-        while frame is not None and len(stack) < MAX_FRAMES:
-            stack.append((frame.f_code, frame.f_lasti))
+        while frame is not None and len(codes) < MAX_FRAMES:
+            codes.append(frame.f_code)
+            offsets.append(frame.f_lasti)
             frame = frame.f_back
             if frame is None and glet is not None:
                 # SQLAlchemy's asyncio layer checks out in a child greenlet whose stack ends
                 # there; the handler awaiting it is in the parent greenlet's stack.
                 glet = glet.parent
                 frame = glet.gr_frame if glet is not None else None
-        return Checkout(current_route(), taker, stack)
+        return Checkout(current_route(), taker, codes, offsets)
     except Exception as exc:  # never break a checkout for a log hint
         errors.record(PROBE, exc)
         return None
@@ -122,9 +125,9 @@ def enabled(agent: Agent) -> bool:
     return bool(agent.settings and agent.settings.leak_threshold)
 
 
-def _format(stack: list[tuple[CodeType, int]]) -> str:
+def _format(checkout: Checkout) -> str:
     lines = [f"Stack at checkout (innermost {MAX_FRAMES} frames, most recent call last):"]
-    for code, lasti in reversed(stack):
+    for code, lasti in reversed(list(zip(checkout.codes, checkout.offsets, strict=True))):
         if code.co_filename.startswith(_OWN_DIR):
             continue
         lineno = _line(code, lasti)
@@ -197,7 +200,7 @@ class LeakChecker:
                 threshold_seconds=self.threshold,
                 route=checkout.route if checkout else None,
                 task=_describe(checkout.taker) if checkout else None,
-                stack=_format(checkout.stack) if checkout else None,
+                stack=_format(checkout) if checkout else None,
             )
             if held.get(key) != started and held.reported.pop(key, None) is leak:
                 _log_unleaked(stats, leak)  # returned while we were reporting it
