@@ -61,7 +61,14 @@ class Tmux:
         raise AssertionError(f"{pattern!r} never showed; the screen was:\n{self.pane()}")
 
     def kill(self) -> None:
+        path = subprocess.run(
+            ["tmux", "-L", self.socket, "display-message", "-p", "#{socket_path}"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        if path.endswith(self.socket) and os.path.exists(path):
+            os.unlink(path)  # tmux leaves its socket file behind
 
 
 def poolwatch_command(*args: str) -> str:
