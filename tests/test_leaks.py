@@ -49,15 +49,15 @@ async def wait_for(predicate, timeout: float = 10.0):
 async def test_connection_held_past_threshold_is_a_leak_until_it_comes_back(
     postgres, app_server, env_key, scheme, route, task_kind
 ):
-    env = {env_key: postgres.dsn(scheme), "POOLWATCH_LEAK_THRESHOLD": "0.3"}
+    env = {env_key: postgres.dsn(scheme), "POOLWATCH_LEAK_THRESHOLD": "0.5"}
     server = app_server(APP, env)
     pool = {"db_client_connection_pool_name": f"127.0.0.1:{postgres.port}/app"}
     assert server.scrape().value(LEAKS, **pool) == 0
 
-    # Short holds (well under the threshold) are not leaks.
-    assert await burst(f"{server.url}{route}?seconds=0.01", 5) == [200] * 5
+    # Short holds (well under the threshold; no more than the pool's max at once) are not leaks.
+    assert await burst(f"{server.url}{route}?seconds=0.01", 3) == [200] * 3
 
-    holding = asyncio.ensure_future(burst(f"{server.url}{route}?seconds=1.5", 1))
+    holding = asyncio.ensure_future(burst(f"{server.url}{route}?seconds=2.0", 1))
     warning = await wait_for(
         lambda: next((ln for ln in log_lines(server) if "connection leak suspected" in ln), None)
     )
@@ -67,7 +67,7 @@ async def test_connection_held_past_threshold_is_a_leak_until_it_comes_back(
     assert field(warning, "pool") == pool["db_client_connection_pool_name"]
     assert field(warning, "route") == route
     assert field(warning, "task").startswith(task_kind)
-    assert 0.3 < float(field(warning, "held_seconds")) < 1.5
+    assert 0.5 < float(field(warning, "held_seconds")) < 2.0
     log = ANSI.sub("", server.log())
     stack = log[log.index("Stack at checkout") :]
     assert "tests/apps/pool_app.py" in stack and "_hold" in stack  # the handler that took it
@@ -78,7 +78,7 @@ async def test_connection_held_past_threshold_is_a_leak_until_it_comes_back(
         lambda: next((ln for ln in log_lines(server) if "connection unleaked" in ln), None)
     )
     assert "[info" in unleaked and field(unleaked, "route") == route
-    assert 1.45 <= float(field(unleaked, "held_seconds")) < 3.0  # the total time held
+    assert 1.95 <= float(field(unleaked, "held_seconds")) < 4.0  # the total time held
     await asyncio.sleep(0.5)  # later scans do not report it again
     lines = log_lines(server)
     assert sum("connection leak suspected" in ln for ln in lines) == 1
