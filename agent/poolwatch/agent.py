@@ -25,6 +25,7 @@ from .registry import Registry
 PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "sqlalchemy": ("sqlalchemy", "poolwatch.probes.sqlalchemy"),
     "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
+    "leaks": (None, "poolwatch.leaks"),  # checker thread of POOLWATCH_LEAK_THRESHOLD
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .agent import StartupError, agent
+from .context import request_scope
 from .log import errors
 
 Scope = dict[str, Any]
@@ -24,7 +25,11 @@ class PoolwatchMiddleware:
             except StartupError as exc:  # never fail a request for the observer's sake
                 agent.started = True
                 errors.record("exporter", exc)
-        await self.app(scope, receive, send)
+        token = request_scope.set(scope)  # for log hints: which route holds a connection
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request_scope.reset(token)
 
     @staticmethod
     def _lifespan_send(send: Any) -> Any:

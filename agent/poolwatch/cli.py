@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("poolwatch.demo", "run an instrumented app under load, with a live view"),
     "generate": ("poolwatch.generate", "write alerts, dashboards and chart files from the table"),
     "exporter": ("poolwatch.exporter", "serve /metrics of every worker in a shared directory"),
+    "top": ("poolwatch.top", "live terminal view of a poolwatch /metrics endpoint"),
+    "advise": ("poolwatch.advise", "pool sizes from observed traffic, and the fleet budget"),
 }
 
 

@@ -60,6 +60,7 @@ class PoolStats:
         read_gauges: Callable[[], PoolGauges | None],
         *,
         invalidations: bool = False,
+        track_leaks: bool = False,
     ) -> None:
         self.probe = probe
         self.name = name
@@ -72,6 +73,10 @@ class PoolStats:
         self.invalidations = {"false": 0, "true": 0} if invalidations else None
         self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
         self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
+        if track_leaks:  # off: a plain dict, so the probes' hot path does no extra work
+            from .leaks import HeldConnections
+
+            self.held = HeldConnections(self)
         self.closed = False
         self.tokens = itertools.count()  # wait tokens: unique across threads
         self._lock = threading.Lock()
@@ -96,6 +101,10 @@ class PoolStats:
     def timed_out(self) -> None:
         with self._lock:
             self.timeouts += 1
+
+    def leaked(self) -> None:
+        with self._lock:
+            self.leaks += 1
 
     def returned(self, key: int) -> None:
         start = self.held.pop(key, None)

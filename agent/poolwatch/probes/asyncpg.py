@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from asyncpg.pool import Pool
 
+from ..leaks import enabled as leak_detection
 from ..log import errors
 from ..patching import Undo, wrap_method
 from ..poolstats import PoolGauges, PoolStats, default_pool_name
@@ -180,7 +181,10 @@ def watch(agent: Agent, pool: Pool, name: str | None = None) -> PoolStats:
             stats.name = agent.registry.claim_name(name)
         return stats
     stats = PoolStats(
-        PROBE, agent.registry.claim_name(name or pool_name(pool)), lambda: _gauges(pool)
+        PROBE,
+        agent.registry.claim_name(name or pool_name(pool)),
+        lambda: _gauges(pool),
+        track_leaks=leak_detection(agent),
     )
     _stats[id(pool)] = stats
     agent.registry.add(stats)

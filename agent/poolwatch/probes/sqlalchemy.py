@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from ..leaks import enabled as leak_detection
 from ..log import errors
 from ..metrics import FOLD_AT
 from ..patching import Undo, subclasses, wrap_method
@@ -173,6 +174,7 @@ def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
         agent.registry.claim_name(name or pool_name(engine)),
         lambda: _read_gauges(engine_ref),
         invalidations=True,
+        track_leaks=leak_detection(agent),
     )
     setattr(engine.pool, ATTR, stats)
     _listen(agent, engine, stats)

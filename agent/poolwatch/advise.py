@@ -1,0 +1,357 @@
+"""``poolwatch advise``: pool sizes from observed traffic (Little's law), and the fleet budget.
+
+Per pool and per process (each worker process has its own pool):
+
+- arrival rate = (successful checkouts + timed-out ones) per second, from wait_time's count and
+  the timeouts counter;
+- hold time from use_time (the mean for Little's law; p50/p95 shown);
+- ``pool_size`` = ceil(rate * mean hold * 1.5): the sizing guide's formula, the connections busy
+  on average plus 50 % headroom, kept open;
+- ``max_overflow`` covers bursts on top: the total is ceil(1.5 * the worst concurrency seen),
+  that concurrency being the larger of peak used + pending and rate * p95 hold; when checkouts
+  timed out, demand was above the current max, so the total is at least ceil(1.5 * (max + 1)).
+
+Data comes from a ``/metrics`` URL sampled over ``--window`` seconds (here), or from a
+Prometheus server over ``--range`` (``advise_prometheus.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .view import Buckets, Snapshot, delta, fetch, quantile
+
+HEADROOM = 1.5  # the sizing guide's factor
+POSTGRES_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
+
+
+@dataclass
+class Observation:
+    """What one pool did over the observed window, per process where it says so."""
+
+    pool: str
+    seconds: float
+    processes: int = 1  # processes (workers) that have this pool
+    checkouts: float = 0  # successful, all processes
+    timeouts: float = 0  # all processes
+    hold_buckets: Buckets = field(default_factory=dict)
+    hold_sum: float = 0
+    hold_count: float = 0
+    peak_used: float = 0  # in any one process
+    peak_demand: float = 0  # used + pending at one moment, in any one process
+    pool_size: float | None = None  # SQLAlchemy pool_size / asyncpg max_size, now
+    max: float | None = None  # now
+    sqlalchemy: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Arrivals per second per process: served and timed out."""
+        return (self.checkouts + self.timeouts) / self.seconds / self.processes
+
+    @property
+    def hold_mean(self) -> float | None:
+        return self.hold_sum / self.hold_count if self.hold_count > 0 else None
+
+
+@dataclass
+class Advice:
+    pool_size: int
+    max_overflow: int
+    reasoning: str
+
+    @property
+    def total(self) -> int:
+        return self.pool_size + self.max_overflow
+
+
+def recommend(obs: Observation) -> Advice | None:
+    """None when there was no traffic to size from."""
+    hold = obs.hold_mean
+    if hold is None or obs.rate <= 0:
+        return None
+    rate = obs.rate
+    busy = rate * hold  # Little's law: connections in use on average
+    pool_size = max(1, math.ceil(busy * HEADROOM))
+    p95 = quantile(0.95, obs.hold_buckets) or hold
+    burst = max(obs.peak_demand, rate * p95)
+    why_burst = (
+        f"bursts max(peak {obs.peak_demand:g} used+pending, {rate:.1f}/s x p95 {_ms(p95)} "
+        f"= {rate * p95:.1f})"
+    )
+    if obs.timeouts > 0 and obs.max is not None and burst < obs.max + 1:
+        burst = obs.max + 1
+        why_burst = f"{obs.timeouts:.0f} timeouts: demand exceeded max {obs.max:g}, so >= {burst:g}"
+    total = max(pool_size, math.ceil(burst * HEADROOM))
+    reasoning = (
+        f"{rate:.1f}/s x {_ms(hold)} mean hold = {busy:.1f} busy x {HEADROOM} -> "
+        f"pool_size {pool_size}; {why_burst} x {HEADROOM} -> {total} in all"
+    )
+    return Advice(pool_size, total - pool_size, reasoning)
+
+
+# --- from a /metrics URL ------------------------------------------------------------------
+
+
+def from_snapshots(first: Snapshot, last: Snapshot, samples: list[Snapshot], seconds: float):
+    """Observations from the first and last scrape of a window and every sample in between."""
+    out: dict[str, Observation] = {}
+    for key, row in last.pools.items():
+        obs = out.setdefault(row.pool, Observation(row.pool, seconds, processes=0))
+        before = first.pools.get(key)
+        obs.processes += 1
+        obs.checkouts += max(row.wait_count - (before.wait_count if before else 0), 0)
+        obs.timeouts += max(row.timeouts - (before.timeouts if before else 0), 0)
+        for le, count in delta(row.use_buckets, before.use_buckets if before else None).items():
+            obs.hold_buckets[le] = obs.hold_buckets.get(le, 0) + count
+        obs.hold_sum += row.use_sum - (before.use_sum if before else 0)
+        obs.hold_count += row.use_count - (before.use_count if before else 0)
+        obs.pool_size = _max(obs.pool_size, row.idle_max)
+        obs.max = _max(obs.max, row.max)
+        obs.sqlalchemy = obs.sqlalchemy or row.overflow is not None
+        for snap in samples:
+            if (seen := snap.pools.get(key)) is not None:
+                obs.peak_used = max(obs.peak_used, seen.used)
+                obs.peak_demand = max(obs.peak_demand, seen.used + seen.pending)
+    return list(out.values())
+
+
+def sample(url: str, token: str | None, window: float, interval: float):
+    """Scrape ``url`` every ``interval`` for ``window`` seconds (Ctrl-C ends early)."""
+    first = fetch(url, token)
+    started = time.monotonic()
+    samples, last, ended = [first], first, started
+    print(f"sampling {url} for {window:g} s (Ctrl-C to stop early)...", file=sys.stderr)
+    try:
+        while time.monotonic() - started < window:
+            time.sleep(min(interval, max(window - (time.monotonic() - started), 0)))
+            last, ended = fetch(url, token), time.monotonic()
+            samples.append(last)
+    except KeyboardInterrupt:
+        pass
+    return first, last, samples, ended - started
+
+
+# --- the fleet --------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    max_connections: int
+    reserved: int
+    processes: int
+    how: str  # where the process count comes from
+
+    @property
+    def usable(self) -> int:
+        return self.max_connections - self.reserved
+
+
+def fleet_lines(budget: Budget, per_process_now: float | None, per_process_advised: int) -> list:
+    from .thresholds import load
+
+    signal = load()["fleet_connection_budget"]
+    lines = [
+        f"fleet: {budget.processes} processes ({budget.how}); server max_connections "
+        f"{budget.max_connections} - {budget.reserved} reserved = {budget.usable} usable"
+    ]
+    for label, per_process in (("now", per_process_now), ("advised", per_process_advised)):
+        if per_process is None:
+            continue
+        total = budget.processes * per_process
+        ratio = total / budget.usable if budget.usable > 0 else math.inf
+        verdict = {
+            "ok": "fits",
+            "warning": f"fits, but above the {signal.warning:.0%} warning line",
+            "critical": "does NOT fit: over budget",
+        }[signal.level(ratio)]
+        lines.append(
+            f"  {label:<8} {budget.processes} x {per_process:g} = {total:g} connections, "
+            f"{ratio:.0%} of usable: {verdict}"
+        )
+        if label == "advised" and ratio > signal.warning:
+            cap = math.floor(budget.usable * signal.warning / budget.processes)
+            lines.append(
+                f"  to fit under {signal.warning:.0%}, cap each process at {cap} connections in "
+                "all pools, or put PgBouncer (transaction pooling) between the fleet and the server"
+            )
+    return lines
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: Any) -> None:
+    from .cli import positive_seconds
+
+    parser.add_argument("url", nargs="?", help="a poolwatch /metrics URL to sample")
+    parser.add_argument(
+        "--window", type=positive_seconds, default=60.0, help="seconds to sample the URL (60)"
+    )
+    parser.add_argument(
+        "--interval", type=positive_seconds, default=1.0, help="seconds between samples (1)"
+    )
+    parser.add_argument("--prometheus", metavar="URL", help="a Prometheus server instead of a URL")
+    parser.add_argument("--range", default="1h", help="Prometheus range to look back (1h)")
+    parser.add_argument(
+        "--selector", default="", help='Prometheus label matchers, e.g. job="api",namespace="prod"'
+    )
+    parser.add_argument(
+        "--pool", action="append", help="only this pool (repeatable); default: every pool"
+    )
+    parser.add_argument(
+        "--max-connections", type=_positive_int, help="the server's max_connections"
+    )
+    parser.add_argument(
+        "--reserved-connections",
+        type=_non_negative_int,
+        help=f"slots the app cannot use (default: the exporter's view, else {POSTGRES_RESERVED})",
+    )
+    parser.add_argument("--replicas", type=_positive_int, help="pods (replicas) of the app")
+    parser.add_argument("--workers", type=_positive_int, help="worker processes per replica")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("POOLWATCH_METRICS_TOKEN"),
+        help="bearer token of the /metrics URL (default: $POOLWATCH_METRICS_TOKEN)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def run(args: Any) -> int:
+    from .cli import UsageError
+
+    if bool(args.url) == bool(args.prometheus):
+        raise UsageError(
+            "give either a /metrics URL to sample or --prometheus URL (with --range), not both"
+        )
+    server: dict[str, float] = {}
+    if args.prometheus:
+        from .advise_prometheus import Prometheus, duration_seconds
+
+        duration_seconds(args.range)  # a bad range fails before any query
+        source = Prometheus(args.prometheus, args.selector)
+        observations = source.observe(args.range)
+        where = f"{args.prometheus}, last {args.range}"
+        seen_processes = max((o.processes for o in observations), default=1)
+    else:
+        first, last, samples, seconds = sample(args.url, args.token, args.window, args.interval)
+        if seconds <= 0 or len(samples) < 2:
+            raise UsageError("stopped before a second sample: nothing to compare")
+        observations = from_snapshots(first, last, samples, seconds)
+        if not observations:
+            raise no_data(args.url, "", "")
+        where = f"{args.url}, {seconds:.1f} s sampled"
+        seen_processes = max(o.processes for o in observations)
+        server = _server_view(last)
+    if args.pool:
+        unknown = sorted(set(args.pool) - {o.pool for o in observations})
+        if unknown:
+            known = ", ".join(o.pool for o in observations)
+            raise UsageError(f"--pool {unknown[0]!r} was not seen; pools seen: {known}")
+        observations = [o for o in observations if o.pool in args.pool]
+    for line in report(observations, where):
+        print(line)
+    max_connections = args.max_connections or server.get("max")
+    if max_connections:
+        if args.replicas or args.workers:
+            processes = (args.replicas or 1) * (args.workers or 1)
+            how = f"{args.replicas or 1} replicas x {args.workers or 1} workers"
+        else:
+            processes, how = seen_processes, "seen in the data; set --replicas/--workers"
+        reserved = args.reserved_connections
+        if reserved is None:
+            reserved = int(server.get("reserved", POSTGRES_RESERVED))
+        budget = Budget(int(max_connections), reserved, processes, how)
+        advised = [recommend(o) for o in observations]
+        now = [o.max for o in observations]
+        per_process_now = None if None in now else sum(n for n in now if n is not None)
+        per_process_advised = sum(
+            a.total if a else int(o.max or 0) for a, o in zip(advised, observations, strict=True)
+        )
+        print()
+        for line in fleet_lines(budget, per_process_now, per_process_advised):
+            print(line)
+    return 0
+
+
+def report(observations: list[Observation], where: str) -> list[str]:
+    lines = [f"poolwatch advise · {where}"]
+    for obs in observations:
+        kind = "SQLAlchemy" if obs.sqlalchemy else "asyncpg" if obs.max is not None else "pool"
+        lines.append("")
+        processes = f"{obs.processes} process{'es' if obs.processes != 1 else ''}"
+        lines.append(f"{obs.pool} ({kind}, {processes}){_now(obs)}")
+        p50, p95 = quantile(0.5, obs.hold_buckets), quantile(0.95, obs.hold_buckets)
+        lines.append(
+            f"  observed   {obs.rate:.1f} checkouts/s per process "
+            f"({obs.timeouts / obs.seconds / obs.processes:.1f}/s of them timed out), hold p50 "
+            f"{_ms(p50)} p95 {_ms(p95)} mean {_ms(obs.hold_mean)}, peak used {obs.peak_used:g} "
+            f"(+{obs.peak_demand - obs.peak_used:g} pending), timeouts {obs.timeouts:.0f}"
+        )
+        advice = recommend(obs)
+        if advice is None:
+            lines.append("  recommend  nothing: no checkouts in the window to size from")
+            continue
+        if obs.sqlalchemy or obs.max is None:
+            sizes = f"pool_size={advice.pool_size} max_overflow={advice.max_overflow}"
+        else:
+            sizes = f"min_size={advice.pool_size} max_size={advice.total}"
+        lines.append(f"  recommend  {sizes}: {advice.reasoning}")
+    return lines
+
+
+def _now(obs: Observation) -> str:
+    if obs.max is None:
+        return ""
+    if obs.sqlalchemy and obs.pool_size is not None:
+        return f", now pool_size={obs.pool_size:g} max_overflow={obs.max - obs.pool_size:g}"
+    return f", now max {obs.max:g}"
+
+
+def _server_view(snap: Snapshot) -> dict[str, float]:
+    """max_connections and reserved slots from the sidecar's database view, when present."""
+    view = {}
+    if (value := snap.other.get("postgresql_connection_max")) is not None:
+        view["max"] = value
+    if (value := snap.other.get("postgresql_connection_reserved")) is not None:
+        view["reserved"] = value
+    return view
+
+
+def no_data(where: str, when: str, selector: str) -> Exception:
+    from .cli import UsageError
+
+    matched = f" matching {{{selector}}}" if selector else ""
+    return UsageError(
+        f"no poolwatch pool series at {where}{matched}{' ' + when if when else ''}: is an "
+        "instrumented app with a database pool being scraped?"
+    )
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
