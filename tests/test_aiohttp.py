@@ -97,7 +97,7 @@ SECRETS = ("alice-7f3", "pw-Secr3t-91", "tok-abc-123", "token", "/slow", "/fast"
 
 
 async def test_two_hosts_are_told_apart_and_no_url_part_leaks(app_server, upstreams):
-    a, b = await upstreams(0.3), await upstreams(0.3)
+    a, b = await upstreams(0.6), await upstreams(0.6)  # wide enough for scrapes on a busy box
     secret_url = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{b.port}/slow?token=tok-abc-123"
     # no per-host limit: aiohttp keeps no per-host sets, poolwatch maps connections to hosts
     server = app_server(APP, {"UPSTREAM_A": a.url(), "UPSTREAM_B": secret_url})
@@ -129,7 +129,9 @@ async def test_refused_connections_are_counted_per_host(app_server, upstreams):
     with refusing_socket() as refusing:
         port = refusing.getsockname()[1]
         url = f"http://127.0.0.1:{port}/fast"
-        server = app_server(APP, {"UPSTREAM_DOWN": url, "UPSTREAM_UP": healthy.url("/fast")})
+        env = {"UPSTREAM_DOWN": url, "UPSTREAM_UP": healthy.url("/fast")}
+        # the asyncio loop, like this process: uvloop words the refusal differently
+        server = app_server(APP, env, server_args=["--loop", "asyncio"])
         results = await call_all([f"{server.url}/call/down"] * 3 + [f"{server.url}/call/up"])
         # the same request from a session poolwatch has never seen
         async with aiohttp.ClientSession() as bare:
@@ -299,3 +301,34 @@ async def test_unreadable_private_state_is_left_out_and_counted_once(agent, upst
     assert not first.find(PENDING) and not second.find(PENDING)
     assert second.value(OPEN, **conns("idle", upstream.port)) == 1  # the rest is still there
     assert second.value(AGENT_ERRORS, probe="aiohttp") == before + 1
+
+
+class HookBug(Exception):
+    """Stands for a bug inside poolwatch's hooks."""
+
+
+async def test_hook_failures_reach_neither_the_request_nor_the_log(
+    agent, upstreams, monkeypatch, capsys
+):
+    from poolwatch.probes import aiohttp as probe
+
+    def broken(host, port):
+        raise HookBug("bug in poolwatch")
+
+    monkeypatch.setattr(probe, "_host", broken)  # every hook that labels a host now fails
+    upstream = await upstreams(0.1)
+    secret = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{upstream.port}/slow?token=tok-abc-123"
+    before = (await asyncio.to_thread(metrics, agent)).value(AGENT_ERRORS, probe="aiohttp")
+    with refusing_socket() as refusing:
+        refused = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{refusing.getsockname()[1]}/?t=1"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            # new connection (_create_connection), a queued request (wait), a refused one (error)
+            assert await asyncio.gather(get(session, secret), get(session, secret)) == ["ok"] * 2
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await get(session, refused)
+    after = (await asyncio.to_thread(metrics, agent)).value(AGENT_ERRORS, probe="aiohttp")
+    assert after - before >= 3
+    out = capsys.readouterr()
+    assert "HookBug" in out.out + out.err  # logged (once), with its traceback...
+    for text in SECRETS[:3]:
+        assert text not in out.out + out.err  # ...but not the frames' local variables

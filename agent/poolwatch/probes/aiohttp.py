@@ -103,7 +103,7 @@ class _Ctx(SimpleNamespace):
 # whose callbacks drop the entry: snapshots (``list(d.items())``) are atomic under the GIL,
 # unlike iterating a WeakKeyDictionary from the exporter thread.
 _lock = threading.Lock()
-_max_hosts = Settings().http_client_max_hosts
+_agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a new host shows up
 _hosts: dict[tuple[str, int | None], Host] = {}
 _events: dict[tuple[str | None, Host], _Events] = {}
 _connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
@@ -122,7 +122,8 @@ def _host(host: str | None, port: int | None) -> Host:
     with _lock:
         known = _hosts.get((host, port))
         if known is None:
-            if len(_hosts) >= _max_hosts:
+            settings = (_agent and _agent.settings) or Settings()
+            if len(_hosts) >= settings.http_client_max_hosts:
                 return OTHER  # not remembered: memory stays bounded however many hosts follow
             known = _hosts[(host, port)] = (host or "", str(port or ""))
         return known
@@ -252,10 +253,9 @@ def _make_init(original: Any, agent: Agent) -> Any:
 
 
 def install(agent: Agent) -> list[Undo]:
-    global _trace, _max_hosts
+    global _trace, _agent
     _reset()
-    _trace = _make_trace_config()
-    _max_hosts = (agent.settings or Settings()).http_client_max_hosts
+    _trace, _agent = _make_trace_config(), agent
     undos = [
         wrap_method(aiohttp.ClientSession, "__init__", lambda orig: _make_init(orig, agent)),
         wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
@@ -269,14 +269,14 @@ def install(agent: Agent) -> list[Undo]:
 
 
 def _reset() -> None:
-    global _trace
+    global _trace, _agent
     _hosts.clear()
     _events.clear()
     _connectors.clear()
     _sessions.clear()
     _open.clear()
     _failed.clear()
-    _trace = None
+    _trace = _agent = None
 
 
 def _detach_all() -> None:
@@ -364,8 +364,8 @@ class _Reading:
             for proto, _ in list(conns):
                 if proto.is_connected():
                     self.open[(name, host, scheme, "idle")] += 1
-                # learn connections opened before poolwatch watched this connector
-                _open.setdefault(proto, _Open(host, scheme, _events_for(name, host), None))
+                if proto not in _open:  # opened before poolwatch watched this connector
+                    _open.setdefault(proto, _Open(host, scheme, _events_for(name, host), None))
 
     def _active(self, name: str | None, connector: BaseConnector, state: _ConnectorState) -> None:
         # Placeholders for connections being opened are not ResponseHandlers: not open yet.
