@@ -312,8 +312,10 @@ async def test_hook_failures_reach_neither_the_request_nor_the_log(
 ):
     from poolwatch.probes import aiohttp as probe
 
-    def broken(host, port):
-        raise HookBug("bug in poolwatch")
+    kinds = iter(range(1000))
+
+    def broken(host, port):  # a new kind each time: every failure is logged, not just the first
+        raise type(f"HookBug{next(kinds)}", (HookBug,), {})("bug in poolwatch")
 
     monkeypatch.setattr(probe, "_host", broken)  # every hook that labels a host now fails
     upstream = await upstreams(0.1)
