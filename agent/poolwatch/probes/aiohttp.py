@@ -4,6 +4,8 @@
   ``on_request_end`` receiver runs on every request (one attribute test); the queued start/end
   receivers run only when the connector's limits make a request wait, ``on_request_exception``
   only on failures. The other signals get no receiver: each one would cost every request.
+  aiohttp itself builds a ``Trace`` and sends about six signals per request as soon as a session
+  has any TraceConfig: that, not the receivers, is most of this probe's cost (bench_aiohttp).
 - Collect time: open/idle/pending counts are read from each connector's private state (the
   public API has only ``limit`` and ``limit_per_host``), defensively: a private attribute that an
   aiohttp version lacks leaves its series out and is counted once in
