@@ -7,15 +7,17 @@ made in its lifespan after ``instrument(app)``; the others instrument this proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
 from tests.support.load import Sampler
 from tests.support.net import Samples, free_port, scrape
-from tests.support.upstream import refusing_socket, start_upstream
+from tests.support.upstream import Upstream, refusing_socket
 
 APP = "tests.apps.aiohttp_app:app"
 OPEN = "http_client_open_connections"
@@ -51,29 +53,39 @@ async def call_all(urls: list[str]) -> list[dict]:
         return await asyncio.gather(*(one(url) for url in urls))
 
 
+OK = '{"ok": true}'  # what the upstream answers
+
+
+@dataclass
+class Slow:
+    """A real aiohttp upstream (its own thread and loop) whose ``/slow`` takes ``delay`` s."""
+
+    upstream: Upstream
+    delay: float
+
+    @property
+    def port(self) -> int:
+        return self.upstream.port
+
+    def url(self, delay: float | None = None) -> str:
+        return f"{self.upstream.url}/slow?delay={self.delay if delay is None else delay}"
+
+
 @pytest.fixture
-async def upstreams():
-    started = []
-
-    async def start(delay: float = 0.2):
-        upstream = await start_upstream(delay)
-        started.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in started:
-        await upstream.runner.cleanup()
+def upstreams():
+    with contextlib.ExitStack() as stack:
+        yield lambda delay=0.2: Slow(stack.enter_context(Upstream()), delay)
 
 
 # --- a FastAPI app under uvicorn ----------------------------------------------------------------
 async def test_slow_upstream_queues_behind_the_limits(app_server, upstreams):
-    upstream = await upstreams(0.2)
+    upstream = upstreams(0.2)
     server = app_server(APP, {"UPSTREAM_SLOW": upstream.url(), "LIMIT": "2", "LIMIT_PER_HOST": "2"})
     with Sampler(server.metrics_url) as sampler:
         results = await call_all([f"{server.url}/call/slow"] * 10)
     after = server.scrape()
 
-    assert [r["body"] for r in results] == ["ok"] * 10
+    assert [r["body"] for r in results] == [OK] * 10
     label = host(upstream.port)
     # during the load: the connector is full, the rest wait
     assert peak(sampler, OPEN, **conns("active", upstream.port)) == 2
@@ -93,12 +105,17 @@ async def test_slow_upstream_queues_behind_the_limits(app_server, upstreams):
     assert after.value(AGENT_ERRORS, probe="aiohttp") == 0
 
 
-SECRETS = ("alice-7f3", "pw-Secr3t-91", "tok-abc-123", "token", "/slow", "/fast")
+SECRETS = ("alice-7f3", "pw-Secr3t-91", "tok-abc-123", "token", "delay", "/slow")
+
+
+def with_secrets(url: str) -> str:
+    """``url`` with a user, a password and a token in its query string."""
+    return url.replace("http://", "http://alice-7f3:pw-Secr3t-91@") + "&token=tok-abc-123"
 
 
 async def test_two_hosts_are_told_apart_and_no_url_part_leaks(app_server, upstreams):
-    a, b = await upstreams(0.6), await upstreams(0.6)  # wide enough for scrapes on a busy box
-    secret_url = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{b.port}/slow?token=tok-abc-123"
+    a, b = upstreams(0.6), upstreams(0.6)  # wide enough for scrapes on a busy box
+    secret_url = with_secrets(b.url())
     # no per-host limit: aiohttp keeps no per-host sets, poolwatch maps connections to hosts
     server = app_server(APP, {"UPSTREAM_A": a.url(), "UPSTREAM_B": secret_url})
     with Sampler(server.metrics_url) as sampler:
@@ -106,7 +123,7 @@ async def test_two_hosts_are_told_apart_and_no_url_part_leaks(app_server, upstre
     after = server.scrape()
     log = server.log()
 
-    assert [r["body"] for r in results] == ["ok"] * 5
+    assert [r["body"] for r in results] == [OK] * 5
     assert peak(sampler, OPEN, **conns("active", a.port)) == 3
     assert peak(sampler, OPEN, **conns("active", b.port)) == 2
     # no per-host limit: no series to divide by (0 would mean "unlimited", not "full")
@@ -125,11 +142,11 @@ async def test_two_hosts_are_told_apart_and_no_url_part_leaks(app_server, upstre
 
 
 async def test_refused_connections_are_counted_per_host(app_server, upstreams):
-    healthy = await upstreams(0.0)
+    healthy = upstreams(0.0)
     with refusing_socket() as refusing:
         port = refusing.getsockname()[1]
-        url = f"http://127.0.0.1:{port}/fast"
-        env = {"UPSTREAM_DOWN": url, "UPSTREAM_UP": healthy.url("/fast")}
+        url = f"http://127.0.0.1:{port}/slow"
+        env = {"UPSTREAM_DOWN": url, "UPSTREAM_UP": healthy.url(0)}
         # the asyncio loop, like this process: uvloop words the refusal differently
         server = app_server(APP, env, server_args=["--loop", "asyncio"])
         results = await call_all([f"{server.url}/call/down"] * 3 + [f"{server.url}/call/up"])
@@ -143,15 +160,15 @@ async def test_refused_connections_are_counted_per_host(app_server, upstreams):
     assert expected == "aiohttp.client_exceptions.ClientConnectorError"
     for result in results[:3]:
         assert result == {"error": expected, "message": str(raised.value)}
-    assert results[3]["body"] == "ok"
+    assert results[3]["body"] == OK
     assert after.value(ERRORS, error_type="ClientConnectorError", **host(port)) == 3
     assert not after.find(ERRORS, **host(healthy.port))
     assert after.value(AGENT_ERRORS, probe="aiohttp") == 0
 
 
 async def test_hosts_beyond_the_cap_share_other(app_server, upstreams):
-    ups = [await upstreams(0.0) for _ in range(3)]
-    env = {f"UPSTREAM_U{i}": u.url("/fast") for i, u in enumerate(ups)}
+    ups = [upstreams(0.0) for _ in range(3)]
+    env = {f"UPSTREAM_U{i}": u.url(0) for i, u in enumerate(ups)}
     server = app_server(APP, {**env, "POOLWATCH_HTTP_CLIENT_MAX_HOSTS": "2"})
     for i in range(3):  # one after the other: the first two hosts are the ones named
         await call_all([f"{server.url}/call/u{i}"] * 2)
@@ -178,7 +195,7 @@ async def get(session: aiohttp.ClientSession, url: str) -> str:
 
 
 async def test_closed_session_disappears_and_connection_lifetimes_are_recorded(agent, upstreams):
-    upstream = await upstreams(0.05)
+    upstream = upstreams(0.05)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=5))
     await asyncio.gather(*(get(session, upstream.url()) for _ in range(3)))
     before = await asyncio.to_thread(metrics, agent)
@@ -195,9 +212,9 @@ async def test_closed_session_disappears_and_connection_lifetimes_are_recorded(a
 
 
 async def test_collected_session_disappears(agent, upstreams):
-    upstream = await upstreams(0.0)
+    upstream = upstreams(0.0)
     session = aiohttp.ClientSession()
-    await get(session, upstream.url("/fast"))
+    await get(session, upstream.url(0))
     assert (await asyncio.to_thread(metrics, agent)).find(OPEN)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # never closed, on purpose
@@ -207,7 +224,7 @@ async def test_collected_session_disappears(agent, upstreams):
 
 
 async def test_requests_cancelled_while_queued_leave_no_trace(agent, upstreams):
-    upstream = await upstreams(0.3)
+    upstream = upstreams(0.3)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         holder = asyncio.create_task(get(session, upstream.url()))
         await asyncio.sleep(0.05)
@@ -218,7 +235,7 @@ async def test_requests_cancelled_while_queued_leave_no_trace(agent, upstreams):
             task.cancel()
         results = await asyncio.gather(*queued, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
-        assert await holder == "ok"
+        assert await holder == OK
         after = await asyncio.to_thread(metrics, agent)
     label = host(upstream.port)
     assert during.value(PENDING, **label) == 5
@@ -231,14 +248,14 @@ async def test_requests_cancelled_while_queued_leave_no_trace(agent, upstreams):
 async def test_named_sessions_get_their_own_series(agent, upstreams):
     import poolwatch
 
-    upstream = await upstreams(0.0)
+    upstream = upstreams(0.0)
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=3)) as billing,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=7)) as anonymous,
     ):
         assert poolwatch.watch_aiohttp_session(billing, name="billing") is billing
-        await get(billing, upstream.url("/fast"))
-        await get(anonymous, upstream.url("/fast"))
+        await get(billing, upstream.url(0))
+        await get(anonymous, upstream.url(0))
         samples = await asyncio.to_thread(metrics, agent)
     session = "aiohttp_client_session_name"
     assert samples.value(LIMIT, scope="total", **{session: "billing"}) == 3
@@ -263,7 +280,7 @@ async def test_sessions_made_before_instrument_are_found_and_everything_undone(u
             (aiohttp.UnixConnector, "_create_connection"),
         )
     }
-    upstream = await upstreams(0.2)
+    upstream = upstreams(0.2)
     user_traces = [aiohttp.TraceConfig()]  # a list users share between sessions
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=1), trace_configs=user_traces
@@ -282,7 +299,7 @@ async def test_sessions_made_before_instrument_are_found_and_everything_undone(u
     assert not hasattr(session.connector, "_poolwatch_state")
     for (cls, name), original in originals.items():
         assert vars(cls).get(name) is original, f"{cls.__name__}.{name} not restored"
-    assert await get(session, upstream.url("/fast")) == "ok"
+    assert await get(session, upstream.url(0)) == OK
     await session.close()
 
 
@@ -291,12 +308,12 @@ async def test_unreadable_private_state_is_left_out_and_counted_once(agent, upst
 
     # what a future aiohttp that renames its waiters attribute looks like to poolwatch
     monkeypatch.setattr(probe, "WAITERS_ATTR", "_waiters_renamed")
-    upstream = await upstreams(0.0)
+    upstream = upstreams(0.0)
     before = (await asyncio.to_thread(metrics, agent)).value(AGENT_ERRORS, probe="aiohttp")
     async with aiohttp.ClientSession() as session:
-        assert await get(session, upstream.url("/fast")) == "ok"
+        assert await get(session, upstream.url(0)) == OK
         first = await asyncio.to_thread(metrics, agent)
-        assert await get(session, upstream.url("/fast")) == "ok"
+        assert await get(session, upstream.url(0)) == OK
         second = await asyncio.to_thread(metrics, agent)
     assert not first.find(PENDING) and not second.find(PENDING)
     assert second.value(OPEN, **conns("idle", upstream.port)) == 1  # the rest is still there
@@ -318,14 +335,14 @@ async def test_hook_failures_reach_neither_the_request_nor_the_log(
         raise type(f"HookBug{next(kinds)}", (HookBug,), {})("bug in poolwatch")
 
     monkeypatch.setattr(probe, "_host", broken)  # every hook that labels a host now fails
-    upstream = await upstreams(0.1)
-    secret = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{upstream.port}/slow?token=tok-abc-123"
+    upstream = upstreams(0.1)
+    secret = with_secrets(upstream.url())
     before = (await asyncio.to_thread(metrics, agent)).value(AGENT_ERRORS, probe="aiohttp")
     with refusing_socket() as refusing:
-        refused = f"http://alice-7f3:pw-Secr3t-91@127.0.0.1:{refusing.getsockname()[1]}/?t=1"
+        refused = with_secrets(f"http://127.0.0.1:{refusing.getsockname()[1]}/?t=1")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             # new connection (_create_connection), a queued request (wait), a refused one (error)
-            assert await asyncio.gather(get(session, secret), get(session, secret)) == ["ok"] * 2
+            assert await asyncio.gather(get(session, secret), get(session, secret)) == [OK] * 2
             with pytest.raises(aiohttp.ClientConnectorError):
                 await get(session, refused)
     after = (await asyncio.to_thread(metrics, agent)).value(AGENT_ERRORS, probe="aiohttp")

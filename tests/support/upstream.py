@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -64,32 +63,3 @@ def refusing_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-@dataclass
-class LoopUpstream:
-    port: int
-    runner: web.AppRunner
-
-    def url(self, path: str = "/slow") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-async def start_upstream(delay: float = 0.2) -> LoopUpstream:
-    """In the caller's loop: ``/slow`` answers after ``delay`` seconds, ``/fast`` at once."""
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(delay)
-        return web.Response(text="ok")
-
-    async def fast(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/slow", slow)
-    app.router.add_get("/fast", fast)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return LoopUpstream(port, runner)
