@@ -253,8 +253,6 @@ RATE_INTERVAL = "10s"  # Grafana's $__rate_interval for a 1 s scrape interval, w
 # Metrics whose probes are other issues, not on main yet: panels on them cannot return data
 # until those land. (Remove an entry when its probe merges.)
 AWAITING_PROBES = {
-    "aiohttp_client_": "issue 3 (aiohttp probe)",
-    "http_client_": "issue 3 (aiohttp probe)",
     "asyncio_": "issue 4 (event-loop probe)",
     "http_server_": "issue 5 (HTTP server metrics)",
 }
@@ -483,7 +481,7 @@ def test_panels_on_merged_probes_return_data(live):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="probes not on main yet: aiohttp (issue 3), event loop (issue 4), HTTP server "
+    reason="probes not on main yet: event loop (issue 4), HTTP server "
     "(issue 5); the failure message lists each panel without data and its missing metric",
 )
 def test_every_panel_query_returns_data(live):

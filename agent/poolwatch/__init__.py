@@ -6,7 +6,13 @@ app = instrument(app)
 
 __version__ = "0.1.0"
 
-from .agent import instrument, uninstrument, watch_asyncpg_pool, watch_engine
+from .agent import (
+    instrument,
+    uninstrument,
+    watch_aiohttp_session,
+    watch_asyncpg_pool,
+    watch_engine,
+)
 from .config import ConfigError
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "__version__",
     "instrument",
     "uninstrument",
+    "watch_aiohttp_session",
     "watch_asyncpg_pool",
     "watch_engine",
 ]

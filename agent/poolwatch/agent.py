@@ -26,6 +26,7 @@ PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "sqlalchemy": ("sqlalchemy", "poolwatch.probes.sqlalchemy"),
     "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
     "leaks": (None, "poolwatch.leaks"),  # checker thread of POOLWATCH_LEAK_THRESHOLD
+    "aiohttp": ("aiohttp", "poolwatch.probes.aiohttp"),
 }
 
 
@@ -83,6 +84,9 @@ class Agent:
         if (apg := self._probes.get("asyncpg")) is not None:
             for pool in apg.existing_pools():
                 apg.watch(self, pool)
+        if (aio := self._probes.get("aiohttp")) is not None:
+            for session in aio.existing_sessions():
+                aio.watch(self, session)
 
     # --- run --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,3 +237,14 @@ def watch_asyncpg_pool(pool: Any, name: str | None = None) -> Any:
         raise RuntimeError("watch_asyncpg_pool() needs asyncpg: pip install 'poolwatch[asyncpg]'")
     probe.watch(agent, pool, name)
     return pool
+
+
+def watch_aiohttp_session(session: Any, name: str | None = None) -> Any:
+    """Measure one ``aiohttp.ClientSession`` (``name`` groups its series under that name)."""
+    probe = agent.probe("aiohttp")
+    if probe is None:
+        raise RuntimeError(
+            "watch_aiohttp_session() needs aiohttp: pip install 'poolwatch[aiohttp]'"
+        )
+    probe.watch(agent, session, name)
+    return session

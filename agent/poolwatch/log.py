@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import Counter
 
 import structlog
@@ -28,12 +29,14 @@ class AgentErrors:
             first = key not in self._logged
             self._logged.add(key)
         if first:
-            # exc_info carries the traceback; the message itself never holds user data.
+            # The traceback as plain text: never exc_info, which structlog's rich renderer prints
+            # with every frame's local variables (a hook's locals can hold a URL with a password
+            # or a token). The message itself never holds user data.
             logger.error(
                 "poolwatch hook failed; the app's call went on (logged once per kind)",
                 probe=probe,
                 error=type(exc).__name__,
-                exc_info=exc,
+                exception="".join(traceback.format_exception(exc)),
             )
 
 

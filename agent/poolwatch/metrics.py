@@ -213,6 +213,12 @@ AIOHTTP_WAIT_TIME = _m(
     "s",
     "Time requests spent queued for a connection.",
 )
+AIOHTTP_ERRORS = _m(
+    "aiohttp.client.errors",
+    COUNTER,
+    "{error}",
+    "Requests that raised (e.g. a refused connection), by server and error.type.",
+)
 
 # --- HTTP server ---
 HTTP_SERVER_DURATION = _m(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 from aiohttp import web
@@ -54,3 +55,11 @@ class Upstream:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+def refusing_socket() -> socket.socket:
+    """A bound, never-listening socket: connecting to its port is refused (and the port stays
+    reserved while the socket is open)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock

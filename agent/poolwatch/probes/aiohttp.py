@@ -1,0 +1,451 @@
+"""aiohttp client sessions: open connections per host, limits, requests queued for a connection.
+
+- Hot path: one frozen ``TraceConfig`` appended to every watched ``ClientSession``. Only its
+  ``on_request_end`` receiver runs on every request (one attribute test); the queued start/end
+  receivers run only when the connector's limits make a request wait, ``on_request_exception``
+  only on failures. The other signals get no receiver: each one would cost every request.
+  aiohttp itself builds a ``Trace`` and sends about six signals per request as soon as a session
+  has any TraceConfig: that, not the receivers, is most of this probe's cost (bench_aiohttp).
+- Collect time: open/idle/pending counts are read from each connector's private state (the
+  public API has only ``limit`` and ``limit_per_host``), defensively: a private attribute that an
+  aiohttp version lacks leaves its series out and is counted once in
+  ``poolwatch_agent_errors_total{probe="aiohttp"}``.
+- Connection lifetimes: no trace signal carries the connection, so ``_create_connection`` (called
+  for new connections only) and ``ResponseHandler.connection_lost`` are wrapped at class level.
+
+Sessions are grouped by name (``watch_aiohttp_session(session, name=...)``; unnamed sessions
+share one group) and summed per host, so one-session-per-request code stays bounded.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections import Counter
+from time import perf_counter
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import BaseConnector
+
+from ..config import Settings
+from ..log import errors
+from ..metrics import (
+    AIOHTTP_ERRORS,
+    AIOHTTP_LIMIT,
+    AIOHTTP_PENDING,
+    AIOHTTP_WAIT_TIME,
+    HTTP_CLIENT_DURATION,
+    HTTP_CLIENT_OPEN,
+    Histogram,
+    Point,
+)
+from ..patching import Undo, subclasses, wrap_method
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+PROBE = "aiohttp"
+STATE_ATTR = "_poolwatch_state"  # on watched connectors
+OTHER = ("other", "")  # server.address/server.port of hosts beyond the cap
+
+# Private connector attributes read at collect time. Present with these shapes in aiohttp
+# 3.9-3.14 (dict of ConnectionKey -> sequence/set); ``_acquired_per_host`` is only filled when
+# ``limit_per_host > 0`` from 3.10 on, so without a per-host limit the open connections of a
+# host are counted from poolwatch's own map of connection -> host (see ``_opened``).
+IDLE_ATTR = "_conns"
+PER_HOST_ATTR = "_acquired_per_host"
+ACQUIRED_ATTR = "_acquired"
+WAITERS_ATTR = "_waiters"
+
+ADDRESS, PORT, SCHEME = "server.address", "server.port", "url.scheme"
+STATE, SCOPE, ERROR_TYPE = "http.connection.state", "scope", "error.type"
+SESSION = "aiohttp.client.session.name"
+
+Host = tuple[str, str]  # (server.address, server.port) after the cap
+
+
+class _Events:
+    """What happened to one (session name, host): recorded on the loop, read at collect time."""
+
+    __slots__ = ("duration", "errors", "wait_time")
+
+    def __init__(self) -> None:
+        self.wait_time = Histogram()
+        self.duration = Histogram()
+        self.errors: Counter[str] = Counter()
+
+
+class _Open(NamedTuple):
+    host: Host
+    scheme: str
+    events: _Events
+    since: float | None  # None: opened before poolwatch saw it (no lifetime to record)
+
+
+class _ConnectorState:
+    __slots__ = ("hosts", "name")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.hosts: set[tuple[Host, str]] = set()  # (host, scheme) known: exported at zero
+
+
+class _Ctx(SimpleNamespace):
+    """Per-request trace context; class defaults keep the hot-path test a plain lookup."""
+
+    queued_at: float | None = None
+    waited: float | None = None  # seconds queued so far (a request may queue more than once)
+
+
+# Module state, reset by install() and its undo. Dicts are keyed by id() with weak references
+# whose callbacks drop the entry: snapshots (``list(d.items())``) are atomic under the GIL,
+# unlike iterating a WeakKeyDictionary from the exporter thread.
+_lock = threading.Lock()
+_agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a new host shows up
+_hosts: dict[tuple[str, int | None], Host] = {}
+_events: dict[tuple[str | None, Host], _Events] = {}
+_connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
+_sessions: dict[int, weakref.ref[aiohttp.ClientSession]] = {}
+_open: weakref.WeakKeyDictionary[ResponseHandler, _Open] = weakref.WeakKeyDictionary()
+_failed: set[str] = set()  # features found unreadable (counted once each)
+_trace: aiohttp.TraceConfig | None = None
+
+
+# --- labels -------------------------------------------------------------------------------------
+def _host(host: str | None, port: int | None) -> Host:
+    """Host and port only (never user, path or query); past the cap every new host is 'other'."""
+    known = _hosts.get((host, port))
+    if known is not None:
+        return known
+    with _lock:
+        known = _hosts.get((host, port))
+        if known is None:
+            settings = (_agent and _agent.settings) or Settings()
+            if len(_hosts) >= settings.http_client_max_hosts:
+                return OTHER  # not remembered: memory stays bounded however many hosts follow
+            known = _hosts[(host, port)] = (host or "", str(port or ""))
+        return known
+
+
+def _events_for(name: str | None, host: Host) -> _Events:
+    events = _events.get((name, host))
+    if events is None:
+        with _lock:
+            events = _events.setdefault((name, host), _Events())
+    return events
+
+
+def _unreadable(feature: str, exc: BaseException) -> None:
+    """A figure this aiohttp version does not expose: its series is left out, counted once."""
+    if feature not in _failed:
+        _failed.add(feature)
+        errors.record(PROBE, exc)
+
+
+# --- hot path: trace receivers --------------------------------------------------------------
+def _session_events(session: Any, url: Any) -> _Events | None:
+    state = getattr(session.connector, STATE_ATTR, None)
+    if state is None:
+        return None
+    return _events_for(state.name, _host(url.raw_host, url.port))
+
+
+async def _on_queued_start(session: Any, ctx: _Ctx, params: Any) -> None:
+    ctx.queued_at = perf_counter()
+
+
+async def _on_queued_end(session: Any, ctx: _Ctx, params: Any) -> None:
+    try:
+        ctx.waited = (ctx.waited or 0.0) + (perf_counter() - ctx.queued_at)  # type: ignore[operator]
+    except Exception as exc:
+        errors.record(PROBE, exc)
+
+
+async def _on_request_end(session: Any, ctx: _Ctx, params: Any) -> None:
+    # Recorded once per request, at its end: a request woken but beaten to the free slot queues
+    # again, and its waits add up to one observation.
+    if ctx.waited is not None:
+        _record_wait(session, ctx, params.url)
+
+
+def _record_wait(session: Any, ctx: _Ctx, url: Any) -> None:
+    try:
+        events = _session_events(session, url)
+        if events is not None:
+            events.wait_time.observe(ctx.waited)  # type: ignore[arg-type]
+        ctx.waited = None
+    except Exception as exc:
+        errors.record(PROBE, exc)
+
+
+async def _on_request_exception(session: Any, ctx: _Ctx, params: Any) -> None:
+    if ctx.waited is not None:
+        _record_wait(session, ctx, params.url)
+    exc = params.exception
+    if not isinstance(exc, Exception):  # cancellation is not the upstream's failure
+        return
+    try:
+        events = _session_events(session, params.url)
+        if events is not None:
+            with _lock:
+                events.errors[type(exc).__qualname__] += 1
+    except Exception as inner:
+        errors.record(PROBE, inner)
+
+
+def _make_trace_config() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig(trace_config_ctx_factory=_Ctx)
+    trace.on_connection_queued_start.append(_on_queued_start)
+    trace.on_connection_queued_end.append(_on_queued_end)
+    trace.on_request_end.append(_on_request_end)
+    trace.on_request_exception.append(_on_request_exception)
+    trace.freeze()
+    return trace
+
+
+# --- class-level wrappers: connection lifetimes, new sessions --------------------------------
+def _opened(state: _ConnectorState, proto: Any, key: Any) -> None:
+    host = _host(key.host, key.port)
+    scheme = "https" if key.is_ssl else "http"
+    state.hosts.add((host, scheme))
+    _open[proto] = _Open(host, scheme, _events_for(state.name, host), perf_counter())
+
+
+def _make_create_connection(original: Any) -> Any:
+    async def _create_connection(self: BaseConnector, req: Any, *args: Any, **kwargs: Any) -> Any:
+        proto = await original(self, req, *args, **kwargs)
+        state = getattr(self, STATE_ATTR, None)
+        if state is not None:
+            try:
+                _opened(state, proto, req.connection_key)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+        return proto
+
+    return _create_connection
+
+
+def _make_connection_lost(original: Any) -> Any:
+    def connection_lost(self: ResponseHandler, exc: BaseException | None) -> None:
+        try:
+            opened = _open.pop(self, None)
+            if opened is not None and opened.since is not None:
+                opened.events.duration.observe(perf_counter() - opened.since)
+        except Exception as inner:
+            errors.record(PROBE, inner)
+        return original(self, exc)
+
+    return connection_lost
+
+
+def _make_init(original: Any, agent: Agent) -> Any:
+    def __init__(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if agent.discovering:
+            try:
+                watch(agent, self)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+
+    return __init__
+
+
+def install(agent: Agent) -> list[Undo]:
+    global _trace, _agent
+    _reset()
+    _trace, _agent = _make_trace_config(), agent
+    undos = [
+        wrap_method(aiohttp.ClientSession, "__init__", lambda orig: _make_init(orig, agent)),
+        wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
+    ]
+    for cls in subclasses(BaseConnector):
+        if "_create_connection" in vars(cls) and cls is not BaseConnector:
+            undos.append(wrap_method(cls, "_create_connection", _make_create_connection))
+    agent.registry.add(_SOURCE)
+    undos.append(_detach_all)
+    return undos
+
+
+def _reset() -> None:
+    global _trace, _agent
+    _hosts.clear()
+    _events.clear()
+    _connectors.clear()
+    _sessions.clear()
+    _open.clear()
+    _failed.clear()
+    _trace = _agent = None
+
+
+def _detach_all() -> None:
+    """Undo: take the TraceConfig out of every session and the state off every connector."""
+    for ref in list(_sessions.values()):
+        session = ref()
+        if session is not None:
+            session._trace_configs = [t for t in session._trace_configs if t is not _trace]
+    for ref, _ in list(_connectors.values()):
+        connector = ref()
+        if connector is not None and STATE_ATTR in vars(connector):
+            delattr(connector, STATE_ATTR)
+    _reset()
+
+
+# --- watching sessions ------------------------------------------------------------------------
+def existing_sessions() -> list[aiohttp.ClientSession]:
+    return [
+        obj for obj in gc.get_objects() if isinstance(obj, aiohttp.ClientSession) and not obj.closed
+    ]
+
+
+def watch(agent: Agent, session: aiohttp.ClientSession, name: str | None = None) -> None:
+    """Append poolwatch's TraceConfig to ``session`` and read its connector at collect time."""
+    connector = session.connector
+    if _trace is None or connector is None or session.closed:
+        return
+    key = id(session)
+    if _trace not in session._trace_configs:
+        # a new list: the user's list may be shared by other sessions
+        session._trace_configs = [*session._trace_configs, _trace]
+        _sessions[key] = weakref.ref(session, lambda _, key=key: _sessions.pop(key, None))
+    state = getattr(connector, STATE_ATTR, None)
+    if state is None:
+        state = _ConnectorState(name)
+        setattr(connector, STATE_ATTR, state)
+        ckey = id(connector)
+        _connectors[ckey] = (
+            weakref.ref(connector, lambda _, ckey=ckey: _connectors.pop(ckey, None)),
+            state,
+        )
+    elif name:
+        state.name = name
+
+
+# --- collect time -------------------------------------------------------------------------------
+class _Reading:
+    """Per (name, host) sums over every connector of this process, built at collect time."""
+
+    def __init__(self) -> None:
+        self.open: Counter[tuple[str | None, Host, str, str]] = Counter()
+        self.pending: Counter[tuple[str | None, Host]] = Counter()
+        self.limits: dict[str | None, dict[str, int | None]] = {}
+        self.missing: set[tuple[str | None, str]] = set()  # (name, feature) left out
+
+    def read(self, connector: BaseConnector, state: _ConnectorState) -> None:
+        name = state.name
+        self._limits(name, connector)
+        for host, scheme in list(state.hosts):  # known hosts exist at zero
+            self.open[(name, host, scheme, "active")] += 0
+            self.open[(name, host, scheme, "idle")] += 0
+            self.pending[(name, host)] += 0
+        for feature, read in (
+            ("idle", self._idle),
+            ("active", self._active),
+            ("pending", self._pending),
+        ):
+            try:
+                read(name, connector, state)
+            except Exception as exc:
+                _unreadable(feature, exc)
+                self.missing.add((name, feature))
+
+    def _limits(self, name: str | None, connector: BaseConnector) -> None:
+        limits = self.limits.setdefault(name, {"total": 0, "per_host": 0})
+        for scope, value in (("total", connector.limit), ("per_host", connector.limit_per_host)):
+            # 0 is "no limit": a group with an unlimited connector has no limit to export
+            current = limits[scope]
+            limits[scope] = None if current is None or not value else current + value
+
+    def _idle(self, name: str | None, connector: BaseConnector, state: _ConnectorState) -> None:
+        for key, conns in list(getattr(connector, IDLE_ATTR).items()):
+            host, scheme = _host(key.host, key.port), "https" if key.is_ssl else "http"
+            state.hosts.add((host, scheme))
+            for proto, _ in list(conns):
+                if proto.is_connected():
+                    self.open[(name, host, scheme, "idle")] += 1
+                if proto not in _open:  # opened before poolwatch watched this connector
+                    _open.setdefault(proto, _Open(host, scheme, _events_for(name, host), None))
+
+    def _active(self, name: str | None, connector: BaseConnector, state: _ConnectorState) -> None:
+        # Placeholders for connections being opened are not ResponseHandlers: not open yet.
+        if connector.limit_per_host:
+            for key, protos in list(getattr(connector, PER_HOST_ATTR).items()):
+                host, scheme = _host(key.host, key.port), "https" if key.is_ssl else "http"
+                state.hosts.add((host, scheme))
+                count = sum(isinstance(p, ResponseHandler) for p in list(protos))
+                self.open[(name, host, scheme, "active")] += count
+        else:
+            for proto in list(getattr(connector, ACQUIRED_ATTR)):
+                opened = _open.get(proto) if isinstance(proto, ResponseHandler) else None
+                if opened is not None:
+                    self.open[(name, opened.host, opened.scheme, "active")] += 1
+
+    def _pending(self, name: str | None, connector: BaseConnector, state: _ConnectorState) -> None:
+        for key, waiters in list(getattr(connector, WAITERS_ATTR).items()):
+            host = _host(key.host, key.port)
+            state.hosts.add((host, "https" if key.is_ssl else "http"))
+            self.pending[(name, host)] += sum(not w.done() for w in list(waiters))
+
+
+class _Source:
+    probe = PROBE
+
+    def alive(self) -> bool:
+        return True
+
+    def points(self) -> list[Point]:
+        reading = _Reading()
+        seen: set[int] = set()
+        for ref, state in list(_connectors.values()):
+            connector = ref()
+            if connector is None or connector.closed or id(connector) in seen:
+                continue  # a closed or collected connector disappears from the output
+            seen.add(id(connector))
+            reading.read(connector, state)
+        events = list(_events.items())
+        named = any(name for name in reading.limits) or any(name for (name, _), _ in events)
+
+        def labels(name: str | None, host: Host | None = None, **more: str) -> dict[str, str]:
+            out = {ADDRESS: host[0], PORT: host[1]} if host else {}
+            if named:  # empty for unnamed sessions: the same series as without the label
+                out[SESSION] = name or ""
+            return {**out, **more}
+
+        points: list[Point] = []
+        for (name, host, scheme, state), count in sorted(reading.open.items(), key=_order):
+            feature = "active" if state == "active" else "idle"
+            if (name, feature) not in reading.missing:
+                points.append(
+                    Point(
+                        HTTP_CLIENT_OPEN,
+                        labels(name, host, **{SCHEME: scheme, STATE: state}),
+                        count,
+                    )
+                )
+        for (name, host), count in sorted(reading.pending.items(), key=_order):
+            if (name, "pending") not in reading.missing:
+                points.append(Point(AIOHTTP_PENDING, labels(name, host), count))
+        for name, limits in sorted(reading.limits.items(), key=_order):
+            for scope, value in limits.items():
+                if value is not None:
+                    points.append(Point(AIOHTTP_LIMIT, labels(name, **{SCOPE: scope}), value))
+        for (name, host), ev in sorted(events, key=_order):
+            points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
+            points.append(Point(HTTP_CLIENT_DURATION, labels(name, host), ev.duration.value()))
+            with _lock:
+                counts = sorted(ev.errors.items())
+            for error_type, count in counts:
+                points.append(
+                    Point(AIOHTTP_ERRORS, labels(name, host, **{ERROR_TYPE: error_type}), count)
+                )
+        return points
+
+
+def _order(item: tuple[Any, Any]) -> str:
+    return repr(item[0])
+
+
+_SOURCE = _Source()

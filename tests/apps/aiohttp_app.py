@@ -1,0 +1,50 @@
+"""A FastAPI app calling upstream services through one aiohttp session made in its lifespan,
+*after* ``instrument(app)``: the user's code has no poolwatch call besides ``instrument``.
+
+Configured by environment: ``UPSTREAM_<NAME>`` (the URL ``/call/<name>`` fetches), ``LIMIT`` and
+``LIMIT_PER_HOST`` (the session's ``TCPConnector`` limits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import aiohttp
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from poolwatch import instrument
+
+state: dict = {}
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    connector = aiohttp.TCPConnector(
+        limit=int(os.environ.get("LIMIT", "100")),
+        limit_per_host=int(os.environ.get("LIMIT_PER_HOST", "0")),
+    )
+    state["session"] = aiohttp.ClientSession(connector=connector)
+    yield
+    await state["session"].close()
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+@app.get("/call/{name}")
+async def call(name: str):
+    url = os.environ[f"UPSTREAM_{name.upper()}"]
+    started = time.perf_counter()
+    try:
+        async with state["session"].get(url) as response:
+            body = await response.text()
+    except aiohttp.ClientError as exc:  # what the app sees is what aiohttp raised
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return JSONResponse({"error": kind, "message": str(exc)}, status_code=502)
+    return {"status": response.status, "body": body, "elapsed": time.perf_counter() - started}
+
+
+instrument(app)
