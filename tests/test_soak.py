@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.support.soak import soak, start_upstream
 
 SECONDS = float(os.environ.get("POOLWATCH_SOAK_SECONDS", "600"))
 
 
+@pytest.mark.timeout(SECONDS + 300)
 async def test_soak_rss_and_series_stay_flat(app_server, tmp_path):
     runner, upstream = await start_upstream()
     try:
