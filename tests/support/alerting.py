@@ -131,7 +131,21 @@ def start_prometheus(
         port,
         root,
     )
-    return Prometheus(server.proc, server.port, server.root, server.log_path)
+    prom = Prometheus(server.proc, server.port, server.root, server.log_path)
+    try:
+        wait_for(lambda: _ready(prom), 30, "Prometheus ready")
+    except AssertionError:
+        prom.stop()
+        raise
+    return prom
+
+
+def _ready(server: Server) -> bool:
+    try:
+        get(f"{server.url}/-/ready", timeout=2)
+        return True
+    except OSError:  # connection refused, or 503 while it loads
+        return False
 
 
 def start_alertmanager(config: dict[str, Any]) -> Server:
