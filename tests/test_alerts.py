@@ -120,7 +120,7 @@ def test_overridden_rules_pass_their_generated_unit_tests(tmp_path, overrides):
         ("for: 5m", "for: 4m"),
         ("[1m]", "[2m]"),
         ("histogram_quantile(0.99", "histogram_quantile(0.9"),
-        ("- poolwatch_postgres_reserved_connections", ""),
+        ("- postgresql_connection_reserved", ""),
         ("busiest worker", "worst worker"),
     ],
 )  # fmt: skip

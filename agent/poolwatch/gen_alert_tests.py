@@ -178,9 +178,11 @@ def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_m
                 "job": "exporter",
                 "instance": f"exporter-{replica}:9464",
                 "namespace": "shop",
+                "server_address": "db.shop",
+                "server_port": "5432",
             }
-            out.append(_s("poolwatch_postgres_max_connections", server, f"{SCALE + 3}x{n}"))
-            out.append(_s("poolwatch_postgres_reserved_connections", server, f"3x{n}"))
+            out.append(_s("postgresql_connection_max", server, f"{SCALE + 3}x{n}"))
+            out.append(_s("postgresql_connection_reserved", server, f"3x{n}"))
         return out
     if key == "failed_checkouts":  # split over two workers: only their sum is over
         half = _counter([(level * step_ms / 60_000 / 2, count) for level, count in steps])

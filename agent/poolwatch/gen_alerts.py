@@ -149,7 +149,7 @@ SIGNALS: tuple[Signal, ...] = (
         "sum by (namespace) (db_client_connection_max)\n"
         "/ on (namespace)\n"
         "max by (namespace) "
-        "(poolwatch_postgres_max_connections - poolwatch_postgres_reserved_connections > 0)",
+        "(postgresql_connection_max - postgresql_connection_reserved > 0)",
         "",
         "humanizePercentage",
         "Pools{{ with $labels.namespace }} in {{ . }}{{ end }} may open "
