@@ -1,7 +1,8 @@
 """Issue 6 end to end: a real Prometheus (1 s scrape and evaluation) loads the rules generated
 with short `for:` windows (an override file) and scrapes a real instrumented app under uvicorn
 on a real PostgreSQL; pool exhaustion and a blocked loop fire the matching alerts, a healthy
-load of the same length fires none."""
+load of the same length fires none. The fleet budget alert runs on the sidecar exporter's view of
+the same PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from tests.support.alerting import (
     wait_for,
 )
 from tests.support.apps import AppServer, start_app
+from tests.support.exporter import run_exporter
 from tests.support.load import burst
+from tests.support.net import free_port, wait_for_port
 
 PHASE = 20.0  # seconds of healthy load; pool exhaustion must fire its alerts within as long
 TARGET = {"job": "orders", "service": "orders", "namespace": "shop"}
@@ -83,6 +86,81 @@ def stack(postgres, tmp_path_factory):
         if prom is not None:
             prom.stop()
         app.stop()
+
+
+def test_fleet_connection_budget_fires_when_the_fleet_outgrows_max_connections(postgres, tmp_path):
+    """The server's view from `poolwatch exporter --postgres-dsn` (max_connections 200, 3
+    reserved) against the pool maxima of every app in the namespace: one app (90) fits, a
+    second one (SQLAlchemy 90 + asyncpg 90) takes the fleet over the budget."""
+    generate(str(tmp_path), SHORT_WINDOWS)
+    capacity = 200 - 3  # tests.support.postgres starts the server with max_connections=200
+    first_env = {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "POOL_SIZE": "90",
+        "MAX_OVERFLOW": "0",
+    }
+    second_port = free_port()  # the second app's metrics port, scraped (down) from the start
+    second_env = {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "ASYNCPG_DSN": postgres.dsn(),
+        "POOL_SIZE": "60",
+        "MAX_OVERFLOW": "30",
+        "POOLWATCH_METRICS_PORT": str(second_port),
+    }
+    started: list = []
+    try:
+        (tmp_path / "none").mkdir()  # no workers publish here: only the server view
+        exporter = run_exporter(
+            "--multiproc-dir", str(tmp_path / "none"), "--postgres-dsn", postgres.dsn()
+        )
+        started.append(exporter)
+        first = start_app("tests.apps.pool_app:app", first_env)
+        started.append(first)
+        prom = start_prometheus(
+            {
+                "orders": [f"127.0.0.1:{first.metrics_port}", f"127.0.0.1:{second_port}"],
+                "postgres-view": [f"127.0.0.1:{exporter.port}"],
+            },
+            [str(tmp_path / RULES_PATH)],
+            labels={"namespace": "shop"},
+        )
+        started.append(prom)
+        budget = "poolwatch:db_client_connection_fleet_budget:ratio"
+        wait_for(lambda: prom.query(budget), 30, "the fleet budget recorded")
+        deadline = time.monotonic() + 8  # 4 times `for:`: a fleet that fits stays quiet
+        while time.monotonic() < deadline:
+            assert not prom.alerts(), prom.alerts()
+            time.sleep(0.5)
+        (value,) = prom.query(budget)
+        assert value["metric"] == {"__name__": budget, "namespace": "shop"}
+        assert float(value["value"][1]) == pytest.approx(90 / capacity)
+
+        second = start_app("tests.apps.pool_app:app", second_env, wait_metrics=False)
+        started.append(second)
+        wait_for_port(second_port)
+        expected = {"FleetConnectionBudgetWarning", "FleetConnectionBudgetCritical"}
+        firing = wait_for(
+            lambda: (
+                (names := {a["labels"]["alertname"]: a for a in prom.firing()})
+                and expected <= set(names)
+                and names
+            ),
+            PHASE,
+            "fleet budget alerts firing",
+        )
+        for name in expected:
+            alert = firing[name]
+            assert alert["labels"] == {
+                "alertname": name,
+                "namespace": "shop",
+                "severity": "critical" if name.endswith("Critical") else "warning",
+                "signal": "fleet_connection_budget",
+            }
+            assert float(alert["value"]) == pytest.approx((90 + 90 + 90) / capacity)
+            assert "namespace shop" in alert["annotations"]["description"]
+    finally:
+        for server in reversed(started):
+            server.stop()
 
 
 def test_prometheus_runs_the_overridden_rules(stack):

@@ -1,10 +1,10 @@
-"""Issue 12 end to end, on loopback: two instrumented app processes on one real PostgreSQL (two
-targets of one job sharing the pool's name, as two workers are), a real Prometheus with the
-generated rules (short `for:` windows), a real Alertmanager running the shipped routing with only
-its timings shortened, and a webhook receiver standing in for PagerDuty and Slack.
+"""Issue 12 end to end, on loopback: two "pods", each an instrumented app under uvicorn with 2
+workers plus the sidecar exporter, on one real PostgreSQL; a real Prometheus with the generated
+rules (short `for:` windows); a real Alertmanager running the shipped routing with only its
+timings shortened; a webhook receiver standing in for PagerDuty and Slack.
 
-The pool is driven into exhaustion: the pager gets exactly one notification for that pool,
-covering both processes, with the runbook link and the pool's name; the warning twin is
+The pool is driven into exhaustion in all 4 workers: the pager gets exactly one notification for
+that pool, covering both pods, with the runbook link and the pool's name; the warning twin is
 inhibited; warnings go to chat; when the load stops, a resolve arrives for the same incident."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from tests.support.alerting import (
     start_prometheus,
     wait_for,
 )
-from tests.support.apps import start_app
+from tests.support.apps import AppServer
+from tests.support.exporter import Exporter, run_exporter, start_workers
 from tests.support.load import burst
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,10 +53,20 @@ def test_config(receiver: Receiver, secrets: Path) -> dict:
 test_config.__test__ = False  # a helper, not a test
 
 
+def start_pod(env: dict[str, str], directory: Path) -> tuple[AppServer, Exporter]:
+    """A pod as the README deploys it: uvicorn with 2 workers, and the sidecar exporter serving
+    both workers' metrics (``worker`` label) on one target."""
+    directory.mkdir()
+    env = {**env, "POOLWATCH_MULTIPROC_DIR": str(directory)}
+    return start_workers("uvicorn", "tests.apps.pool_app:app", 2, env), run_exporter(
+        "--multiproc-dir", str(directory)
+    )
+
+
 def test_one_page_per_exhausted_pool_inhibited_warning_then_resolved(postgres, tmp_path):
     generate(str(tmp_path), SHORT_WINDOWS)
     receiver = Receiver()
-    started = []
+    started: list = []
     try:
         am = start_alertmanager(test_config(receiver, tmp_path))
         started.append(am)
@@ -65,45 +76,60 @@ def test_one_page_per_exhausted_pool_inhibited_warning_then_resolved(postgres, t
             "MAX_OVERFLOW": "0",  # no overflow and a long timeout: only utilization is critical
             "POOL_TIMEOUT": "5",
         }
-        apps = [start_app("tests.apps.pool_app:app", env) for _ in range(2)]
-        started += apps
-        for app in apps:  # open both connections now: connecting is not what this test is about
-            assert asyncio.run(burst(app.url + "/sa/hold?seconds=0.05", 2)) == [200, 200]
+        pods = [start_pod(env, tmp_path / f"pod-{name}") for name in "ab"]
+        started += [server for pod in pods for server in pod]
+        apps = [app for app, _ in pods]
+        for app in apps:  # open connections now: connecting is not what this test is about
+            assert set(asyncio.run(burst(app.url + "/sa/hold?seconds=0.2", 8))) == {200}
         prom = start_prometheus(
-            {"orders": [f"127.0.0.1:{app.metrics_port}" for app in apps]},
+            {"orders": [f"127.0.0.1:{exporter.port}" for _, exporter in pods]},
             [str(tmp_path / RULES_PATH)],
             labels={"service": "orders", "namespace": "shop"},
             alertmanager=f"127.0.0.1:{am.port}",
         )
         started.append(prom)
-        wait_for(lambda: prom.targets_up() == 2, 30, "both app processes scraped")
-        maxima = [s for app in apps for s in app.scrape().find("db_client_connection_max")]
-        (pool,) = {s.labels[POOL] for s in maxima}  # one pool name in both, as in two workers
+        wait_for(lambda: prom.targets_up() == 2, 30, "both pods scraped")
+        maxima = wait_for(
+            lambda: len(found := prom.query("db_client_connection_max")) == 4 and found,
+            20,
+            "the pool of 2 workers in each of 2 pods",
+        )
+        (pool,) = {s["metric"][POOL] for s in maxima}  # one pool name in every worker
 
-        # 3 clients per process on a pool of 2: the pool is always fully checked out
-        urls = [app.url + "/sa/hold?seconds=0.3" for app in apps]
-        with Load(urls, concurrency=3, limit=90):
+        # 6 clients per pod, a new connection per request (spread over both workers), on
+        # pools of 2: every worker's pool runs full
+        urls = [app.url + "/sa/hold?seconds=0.15" for app in apps]
+        with Load(urls, concurrency=6, limit=90, fresh_connections=True) as load:
             wait_for(lambda: receiver.at("/pager"), 40, "a page")
             inhibited = wait_for(lambda: _inhibited(am, "PoolUtilizationWarning"), 10, "twin muted")
             time.sleep(2 * GROUP_INTERVAL + 2)  # a second page would have come by now
             pages = receiver.at("/pager")
+            per_worker = prom.query(
+                "max_over_time(poolwatch:db_client_connection_utilization:ratio[20s])"
+            )
         stopped = time.monotonic()
+        assert set(load.statuses) == {200}, load.statuses
 
-        assert len(pages) == 1, [(p.at, p.body["payload"]["summary"]) for p in pages]
+        # every worker of both pods was exhausted ...
+        assert len({(s["metric"]["instance"], s["metric"]["worker"]) for s in per_worker}) == 4
+        assert all(float(s["value"][1]) == 1.0 for s in per_worker), per_worker
+        # ... and that is one page: one alert per pod (workers folded into it), one group
+        assert len(pages) == 1, [(p.at, p.body["payload"]["custom_details"]) for p in pages]
         page = pages[0].body
         assert page["event_action"] == "trigger"
         details = page["payload"]["custom_details"]
         assert details["pool"] == pool and details["service"] == "orders"
-        assert details["num_firing"] == "2"  # both processes' alerts, in one notification
-        for app in apps:
-            assert f"instance = 127.0.0.1:{app.metrics_port}" in details["firing"]
+        assert details["num_firing"] == "2"
+        for _, exporter in pods:
+            assert f"instance = 127.0.0.1:{exporter.port}" in details["firing"]
         assert "alertname = PoolUtilizationCritical" in details["firing"]
+        assert "worker = " not in details["firing"]
         assert "Warning" not in details["firing"]  # warnings never page
         assert page["links"] == [{"href": "alerts/runbook.md#pool_utilization", "text": "runbook"}]
         assert pool in page["payload"]["summary"] and "(2 alerts)" in page["payload"]["summary"]
 
-        # the warning twin is muted by the critical one, in both processes; other warnings
-        # (the wait time's, which has no critical twin firing) reach chat
+        # the warning twin is muted by the critical one, in both pods; other warnings (the
+        # wait time's, whose critical twin is not firing) reach chat
         assert len(inhibited) == 2
         chat = " ".join(str(c.body) for c in receiver.at("/chat"))
         assert "ConnectionWaitWarning" in chat

@@ -220,8 +220,11 @@ class Load:
     """``concurrency`` clients per URL, each GETting it back to back, on a thread, until
     ``stop()`` (or ``limit`` seconds, whichever comes first)."""
 
-    def __init__(self, urls: list[str], concurrency: int, limit: float = 60.0) -> None:
+    def __init__(
+        self, urls: list[str], concurrency: int, limit: float = 60.0, fresh_connections=False
+    ) -> None:
         self.urls, self.concurrency, self.limit = urls, concurrency, limit
+        self.fresh = fresh_connections  # a new TCP connection per request: spread over workers
         self.statuses: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -238,7 +241,7 @@ class Load:
 
     async def _main(self) -> None:
         deadline = time.monotonic() + self.limit
-        connector = aiohttp.TCPConnector(limit=0)
+        connector = aiohttp.TCPConnector(limit=0, force_close=self.fresh)
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.gather(
