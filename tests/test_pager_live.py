@@ -31,7 +31,7 @@ from tests.support.exporter import Exporter, run_exporter, start_workers
 from tests.support.load import burst
 
 REPO = Path(__file__).resolve().parent.parent
-GROUP_WAIT, GROUP_INTERVAL = 6, 4  # seconds; the shipped 30s/5m, shortened for the test
+GROUP_WAIT, GROUP_INTERVAL = 8, 4  # seconds; the shipped 30s/5m, shortened for the test
 
 
 def test_config(receiver: Receiver, secrets: Path) -> dict:
@@ -96,10 +96,10 @@ def test_one_page_per_exhausted_pool_inhibited_warning_then_resolved(postgres, t
         )
         (pool,) = {s["metric"][POOL] for s in maxima}  # one pool name in every worker
 
-        # 6 clients per pod, a new connection per request (spread over both workers), on
+        # 8 clients per pod, a new connection per request (spread over both workers), on
         # pools of 2: every worker's pool runs full
-        urls = [app.url + "/sa/hold?seconds=0.15" for app in apps]
-        with Load(urls, concurrency=6, limit=90, fresh_connections=True) as load:
+        urls = [app.url + "/sa/hold?seconds=0.2" for app in apps]
+        with Load(urls, concurrency=8, limit=90, fresh_connections=True) as load:
             wait_for(lambda: receiver.at("/pager"), 40, "a page")
             inhibited = wait_for(lambda: _inhibited(am, "PoolUtilizationWarning"), 10, "twin muted")
             time.sleep(2 * GROUP_INTERVAL + 2)  # a second page would have come by now
