@@ -172,6 +172,11 @@ def test_every_runbook_url_points_at_a_runbook_section():
         assert rule["alert"] in text  # the section names its alerts
     for link in re.findall(r"\]\(#([^)]+)\)", text):  # the runbook's own cross-references
         assert link in anchors, link
+    from poolwatch.gen_dashboards import panel_path
+
+    for signal in SIGNALS:  # each section links the dashboard panel of its signal
+        section = text.split(f"## {signal.key}\n", 1)[1].split("\n## ", 1)[0]
+        assert panel_path(signal.key) in section, signal.key
     for topic in ("Little's law", "leak", "blocking", "max_connections", "amtool silence"):
         assert topic.lower() in text.lower(), topic
 

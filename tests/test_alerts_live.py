@@ -90,7 +90,7 @@ def stack(postgres, tmp_path_factory):
 
 def test_fleet_connection_budget_fires_when_the_fleet_outgrows_max_connections(postgres, tmp_path):
     """The server's view from `poolwatch exporter --postgres-dsn` (max_connections 200, 3
-    reserved) against the pool maxima of every app in the namespace: one app (90) fits, a
+    reserved) against the pool maxima of every app using that server: one app (90) fits, a
     second one (SQLAlchemy 90 + asyncpg 90) takes the fleet over the budget."""
     generate(str(tmp_path), SHORT_WINDOWS)
     capacity = 200 - 3  # tests.support.postgres starts the server with max_connections=200
@@ -132,7 +132,8 @@ def test_fleet_connection_budget_fires_when_the_fleet_outgrows_max_connections(p
             assert not prom.alerts(), prom.alerts()
             time.sleep(0.5)
         (value,) = prom.query(budget)
-        assert value["metric"] == {"__name__": budget, "namespace": "shop"}
+        server = {"server_address": postgres.host, "server_port": str(postgres.port)}
+        assert value["metric"] == {"__name__": budget, **server}
         assert float(value["value"][1]) == pytest.approx(90 / capacity)
 
         second = start_app("tests.apps.pool_app:app", second_env, wait_metrics=False)
@@ -152,12 +153,13 @@ def test_fleet_connection_budget_fires_when_the_fleet_outgrows_max_connections(p
             alert = firing[name]
             assert alert["labels"] == {
                 "alertname": name,
-                "namespace": "shop",
+                "server_address": postgres.host,  # the server, as in the pools' default names
+                "server_port": str(postgres.port),
                 "severity": "critical" if name.endswith("Critical") else "warning",
                 "signal": "fleet_connection_budget",
             }
             assert float(alert["value"]) == pytest.approx((90 + 90 + 90) / capacity)
-            assert "namespace shop" in alert["annotations"]["description"]
+            assert f"{postgres.host}:{postgres.port}" in alert["annotations"]["description"]
     finally:
         for server in reversed(started):
             server.stop()

@@ -20,7 +20,8 @@ from .thresholds import Threshold
 
 TESTS_PATH = "tests/alerts/poolwatch_test.yaml"
 TARGET = {"job": "orders", "instance": "10.0.0.7:9464", "namespace": "shop", "service": "orders"}
-POOL_NAME = "db.shop:5432/orders"
+SERVER = {"server_address": "db.shop", "server_port": "5432"}
+POOL_NAME = "db.shop:5432/orders"  # the default name: server_address:server_port/database
 HOST = {"server_address": "payments.shop", "server_port": "443"}
 SCALE = 1000  # gauges are n / SCALE, so a value just over a threshold is one more connection
 SLOW, FAST = 2, 98  # histogram observations per step: 2 % slow puts the p99 above the threshold
@@ -168,21 +169,18 @@ def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_m
             _s(limit, {**good, "scope": "total"}, f"{SCALE}x{n}"),
         ]
     if key == "fleet_connection_budget":
-        # pool maxima of 2 replicas x 2 workers add up to the level; 2 exporter replicas
+        # pool maxima of 2 replicas x 2 workers add up to the level; a pool on another server
+        # and one with its own name do not count; 2 exporter replicas see the server
         out = []
         for part, (replica, worker) in enumerate((r, w) for r in "ab" for w in "12"):
             labels = {**pool, "instance": f"orders-{replica}:9464", WORKER: worker}
             out.append(_s("db_client_connection_max", labels, _gauge(steps, 4, part)))
+        for name in ("db.other:5432/orders", "orders-cache"):
+            out.append(_s("db_client_connection_max", {**bad, POOL: name}, f"{SCALE}x{n}"))
         for replica in "xy":
-            server = {
-                "job": "exporter",
-                "instance": f"exporter-{replica}:9464",
-                "namespace": "shop",
-                "server_address": "db.shop",
-                "server_port": "5432",
-            }
-            out.append(_s("postgresql_connection_max", server, f"{SCALE + 3}x{n}"))
-            out.append(_s("postgresql_connection_reserved", server, f"3x{n}"))
+            exporter = {"job": "exporter", "instance": f"exporter-{replica}:9464", **SERVER}
+            out.append(_s("postgresql_connection_max", exporter, f"{SCALE + 3}x{n}"))
+            out.append(_s("postgresql_connection_reserved", exporter, f"3x{n}"))
         return out
     if key == "failed_checkouts":  # split over two workers: only their sum is over
         half = _counter([(level * step_ms / 60_000 / 2, count) for level, count in steps])
@@ -211,7 +209,7 @@ def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_m
 
 def _alert_labels(signal: Signal, severity: str) -> dict[str, str]:
     if signal.key == "fleet_connection_budget":
-        where = {"namespace": TARGET["namespace"]}
+        where = dict(SERVER)
     elif signal.key == "http_client_utilization":
         where = {**TARGET, **HOST}
     elif signal.key == "loop_lag_p99":

@@ -17,9 +17,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from .thresholds import Threshold
+
+try:
+    import yaml
+except ImportError as exc:  # only `poolwatch generate` needs it
+    from .cli import UsageError
+
+    raise UsageError("generating alert rules needs PyYAML: pip install 'poolwatch[cli]'") from exc
 
 RULES_PATH = "alerts/poolwatch.rules.yaml"
 ALERTMANAGER_PATH = "alerts/alertmanager.yml"
@@ -37,6 +42,7 @@ _POOL = "{{ $labels.db_client_connection_pool_name }}"
 _HOST = (
     "{{ with $labels.server_address }}{{ . }}:{{ $labels.server_port }}{{ else }}all hosts{{ end }}"
 )
+_SERVER = "{{ $labels.server_address }}:{{ $labels.server_port }}"
 _PERCENT = "{{ $value | humanizePercentage }}"
 _DURATION = "{{ $value | humanizeDuration }}"
 _PER_MINUTE = '{{ $value | printf "%.1f" }}'
@@ -144,20 +150,25 @@ SIGNALS: tuple[Signal, ...] = (
         "fleet_connection_budget",
         "FleetConnectionBudget",
         "poolwatch:db_client_connection_fleet_budget:ratio",
-        # every pool of every replica and worker in the namespace against the server's
-        # capacity, reported by `poolwatch exporter --postgres-dsn` (any of its replicas)
-        "sum by (namespace) (db_client_connection_max)\n"
-        "/ on (namespace)\n"
-        "max by (namespace) "
+        # Every pool of every replica and worker against the capacity of its server, reported
+        # by `poolwatch exporter --postgres-dsn` (any of its replicas). The server is read from
+        # the default pool name host:port/database, as the dashboards do; a pool given its own
+        # name cannot be matched to a server and is left out.
+        "sum by (server_address, server_port) (\n"
+        f"  label_replace(label_replace(db_client_connection_max,\n"
+        f'    "server_address", "$1", "{POOL}", "(.+):([0-9]+)/.*"),\n'
+        f'    "server_port", "$2", "{POOL}", "(.+):([0-9]+)/.*")\n'
+        ")\n"
+        "/ on (server_address, server_port)\n"
+        "max by (server_address, server_port) "
         "(postgresql_connection_max - postgresql_connection_reserved > 0)",
         "",
         "humanizePercentage",
-        "Pools{{ with $labels.namespace }} in {{ . }}{{ end }} may open "
-        f"{_PERCENT} of the connections PostgreSQL allows",
-        "The connection maxima of all pools{{ with $labels.namespace }} in namespace {{ . }}"
-        f"{{{{ end }}}}, summed over every replica and worker, are {_PERCENT} of PostgreSQL's "
-        "max_connections minus its reserved connections, above $threshold for $for. Under full "
-        'load new connections fail with "too many clients".',
+        f"Pools using {_SERVER} may open {_PERCENT} of the connections it allows",
+        f"The connection maxima of all pools using PostgreSQL {_SERVER}, summed over every "
+        f"replica and worker, are {_PERCENT} of its max_connections minus its reserved "
+        "connections, above $threshold for $for. Under full load new connections fail with "
+        '"too many clients".',
     ),
 )
 
