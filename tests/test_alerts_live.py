@@ -6,6 +6,8 @@ the same PostgreSQL server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from tests.support.apps import AppServer, start_app
 from tests.support.exporter import run_exporter
 from tests.support.load import burst
 from tests.support.net import free_port, wait_for_port
+from tests.support.upstream import Upstream
 
 PHASE = 20.0  # seconds of healthy load; pool exhaustion must fire its alerts within as long
 TARGET = {"job": "orders", "service": "orders", "namespace": "shop"}
@@ -35,6 +38,8 @@ class Stack:
     prom: Prometheus
     sa_pool: str
     apg_pool: str
+    calls: AppServer  # the app calling an upstream through aiohttp
+    upstream_port: int
 
     def firing(self) -> dict[tuple[str, str], dict]:
         """Firing alerts by (alertname, pool name or "")."""
@@ -53,6 +58,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(postgres, tmp_path_factory):
+    """Prometheus scraping two apps of one service: pools (SQLAlchemy and asyncpg on
+    PostgreSQL) and an aiohttp session (limit_per_host=2) calling a slow upstream."""
     root = tmp_path_factory.mktemp("generated")
     generate(str(root), SHORT_WINDOWS)
     env = {
@@ -62,11 +69,14 @@ def stack(postgres, tmp_path_factory):
         "MAX_OVERFLOW": "1",
         "POOL_TIMEOUT": "0.2",
     }
-    app = start_app("tests.apps.pool_app:app", env)
-    prom = None
-    try:
-        import asyncio
-
+    with contextlib.ExitStack() as stop, Upstream() as upstream:
+        app = start_app("tests.apps.pool_app:app", env)
+        stop.callback(app.stop)
+        calls = start_app(
+            "tests.apps.aiohttp_app:app",
+            {"UPSTREAM_PAY": upstream.url + "/slow?delay=0.5", "LIMIT_PER_HOST": "2"},
+        )
+        stop.callback(calls.stop)
         for route in ("/sa/hold?seconds=0.05", "/apg/hold?seconds=0.05"):  # open 2 connections
             assert asyncio.run(burst(app.url + route, 2)) == [200, 200]
         names = sorted(
@@ -76,16 +86,13 @@ def stack(postgres, tmp_path_factory):
         sa_pool, apg_pool = names  # "host:port/app" and, made second, "host:port/app#2"
         assert apg_pool == sa_pool + "#2"
         prom = start_prometheus(
-            {"orders": [f"127.0.0.1:{app.metrics_port}"]},
+            {"orders": [f"127.0.0.1:{app.metrics_port}", f"127.0.0.1:{calls.metrics_port}"]},
             [str(root / RULES_PATH)],
             labels={"service": "orders", "namespace": "shop"},
         )
+        stop.callback(prom.stop)
         wait_for(lambda: prom.query("db_client_connection_max"), 30, "Prometheus scraped the app")
-        yield Stack(app, prom, sa_pool, apg_pool)
-    finally:
-        if prom is not None:
-            prom.stop()
-        app.stop()
+        yield Stack(app, prom, sa_pool, apg_pool, calls, upstream.port)
 
 
 def test_fleet_connection_budget_fires_when_the_fleet_outgrows_max_connections(postgres, tmp_path):
@@ -235,6 +242,27 @@ def test_pool_exhaustion_fires_the_pool_alerts(stack):
         assert alert["annotations"]["runbook_url"].startswith("alerts/runbook.md#")
     assert float(firing[("PoolUtilizationCritical", sa)]["value"]) == 1.0
     assert float(firing[("CheckoutTimeoutsCritical", sa)]["value"]) > 10
+
+
+def test_a_full_http_connector_fires_the_http_client_alerts(stack):
+    stack.wait_quiet()
+    expected = {("HttpClientPoolCritical", ""), ("HttpClientPoolWarning", "")}
+    # 6 calls at a time through a session allowing 2 connections per host: requests queue
+    with Load([stack.calls.url + "/call/pay"], concurrency=6, limit=PHASE + 10) as load:
+        firing = wait_for(lambda: stack.firing_all(expected), PHASE, "HTTP client alerts firing")
+    assert set(load.statuses) == {200}, load.statuses  # queued, not failed
+    for name, _ in expected:
+        alert = firing[(name, "")]
+        labels = alert["labels"]
+        assert labels["severity"] == ("critical" if name.endswith("Critical") else "warning")
+        assert (labels["server_address"], labels["server_port"]) == (
+            "127.0.0.1",
+            str(stack.upstream_port),
+        )
+        assert labels["instance"] == f"127.0.0.1:{stack.calls.metrics_port}"
+        assert {k: labels[k] for k in TARGET} == TARGET
+        assert float(alert["value"]) == 1.0  # 2 active of limit_per_host 2
+        assert f"127.0.0.1:{stack.upstream_port}" in alert["annotations"]["description"]
 
 
 @pytest.mark.xfail(
