@@ -14,6 +14,7 @@ from .thresholds import ThresholdError, load
 
 GENERATORS: list[str] = []  # modules, e.g. "poolwatch.gen_alerts"
 GENERATORS.append("poolwatch.gen_dashboards")
+GENERATORS.append("poolwatch.gen_alerts")
 
 
 def render_all(overrides: str | None = None) -> dict[str, str]:

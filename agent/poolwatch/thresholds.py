@@ -23,6 +23,7 @@ class Threshold:
     warning: float
     critical: float
     for_: str  # Prometheus duration, e.g. "5m"
+    window: str | None = None  # range of rate() for rate-based signals (p99s, per-minute), "2m"
 
     def level(self, value: float) -> str:
         """ "ok", "warning" or "critical" for an observed value (the alerts use ">")."""
@@ -53,17 +54,18 @@ def _parse(
                         f"{where}: {key}.{field} = {value!r} must be a number >= 0"
                     )
                 changes[field] = float(value)
-            elif field == "for":
+            elif field == "for" or (field == "window" and (base is None or current.window)):
                 if not isinstance(value, str) or not _DURATION.match(value):
                     raise ThresholdError(
-                        f'{where}: {key}.for = {value!r} must be a duration like "5m" or "30s"'
+                        f'{where}: {key}.{field} = {value!r} must be a duration like "5m" or "30s"'
                     )
-                changes["for_"] = value
+                changes["for_" if field == "for" else "window"] = value
             elif field == "unit" and base is None:
                 changes["unit"] = value
             else:
                 raise ThresholdError(
-                    f"{where}: {key}.{field} is not a setting (use warning, critical, for)"
+                    f"{where}: {key}.{field} is not a setting "
+                    f"(use warning, critical, for{', window' if current.window else ''})"
                 )
         out[key] = replace(current, **changes)
         if out[key].warning > out[key].critical:
