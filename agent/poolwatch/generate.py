@@ -12,7 +12,7 @@ from typing import Any
 
 from .thresholds import ThresholdError, load
 
-GENERATORS: list[str] = []  # modules, e.g. "poolwatch.gen_alerts"
+GENERATORS: list[str] = ["poolwatch.gen_helm"]  # modules, e.g. "poolwatch.gen_alerts"
 
 
 def render_all(overrides: str | None = None) -> dict[str, str]:
