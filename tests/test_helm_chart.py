@@ -15,7 +15,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from poolwatch.gen_helm import HelmValue, placeholders, rule_groups
+from poolwatch.gen_helm import rule_source
 from poolwatch.thresholds import defaults
 from tests.support.helmchart import (
     CHART,
@@ -125,6 +125,11 @@ def test_promtool_accepts_the_rendered_rule_groups(values_name, tmp_path):
     assert f"SUCCESS: {count} rules found" in result.stdout
 
 
+def test_default_values_render_exactly_the_projects_rule_groups():
+    (rule,) = by_kind(objects(render({})), "PrometheusRule")
+    assert rule["spec"]["groups"] == rule_source().rule_groups(defaults())
+
+
 def test_default_rules_carry_the_threshold_table():
     rules = rules_of({})
     table = defaults()
@@ -168,16 +173,37 @@ def test_rule_labels_are_added_to_every_alert():
     assert all(r["labels"]["severity"] in ("warning", "critical") for r in alerts)
 
 
-def test_placeholders_refuse_arithmetic():
-    value = placeholders(defaults())["pool_utilization"].warning
-    assert (
-        isinstance(value, HelmValue)
-        and f"{value:.2f}" == "@@HELM alerts.thresholds.pool_utilization.warning@@"
-    )
-    with pytest.raises(TypeError, match="format thresholds into the expression"):
-        value * 100
-    groups = rule_groups(placeholders(defaults()))
-    assert "@@HELM alerts.thresholds.failed_checkouts.critical@@" in json.dumps(groups)
+def test_every_threshold_for_and_window_is_a_value():
+    table = defaults()
+    custom = {}
+    for i, (key, t) in enumerate(table.items()):
+        custom[key] = {"warning": 3.01 + i, "critical": 50.5 + i, "for": f"{17 + i}m"}
+        if getattr(t, "window", None):
+            custom[key]["window"] = f"{31 + i}s"
+    rules = rules_of({"alerts": {"thresholds": custom}})
+    alerts = [r for r in rules.values() if "alert" in r]
+    assert {r["labels"]["signal"] for r in alerts} == set(table)
+    for rule in alerts:
+        values = custom[rule["labels"]["signal"]]
+        value = values[rule["labels"]["severity"]]
+        assert re.search(rf">\s*{re.escape(f'{value:g}')}(\s|\)|$)", rule["expr"]), rule["alert"]
+        assert rule["for"] == values["for"], rule["alert"]
+    text = json.dumps(list(rules.values()))
+    for key, values in custom.items():
+        if "window" in values:
+            assert f"[{values['window']}]" in text, key
+    # nothing of the table's defaults is left behind in an alert
+    for rule in alerts:
+        default = getattr(table[rule["labels"]["signal"]], rule["labels"]["severity"])
+        assert not re.search(rf">\s*{re.escape(f'{default:g}')}(\s|\)|$)", rule["expr"])
+
+
+def test_runbook_links_follow_the_base_url():
+    rules = rules_of({"alerts": {"runbookBaseUrl": "https://wiki.example.com/poolwatch"}})
+    alerts = [r for r in rules.values() if "alert" in r]
+    for rule in alerts:
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith("https://wiki.example.com/poolwatch#"), url
 
 
 # --- values schema and clear errors -------------------------------------------------------
@@ -260,7 +286,7 @@ def test_standalone_exporter_is_locked_down_and_reads_the_dsn_from_a_secret():
         "key": "dsn",
     }
     assert env["POOLWATCH_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "poolwatch-token"
-    assert "$(POOLWATCH_POSTGRES_DSN)" in container["args"]
+    assert not any("dsn" in arg.lower() for arg in container["args"])  # not in argv either
     assert not any("postgresql://" in json.dumps(o) for o in objs)
     assert container["image"].startswith("poolwatch@sha256:")
 
@@ -324,10 +350,17 @@ def chart_with_dashboard(tmp_path):
 
 def test_dashboards_become_configmaps_for_the_grafana_sidecar(chart_with_dashboard):
     chart, dashboard = chart_with_dashboard
-    (config_map,) = by_kind(objects(render(chart=chart)), "ConfigMap")
+
+    def config_map_of(values=None):
+        name = "rel-poolwatch-dashboard-poolwatch-overview"
+        found = by_kind(objects(render(values, chart=chart)), "ConfigMap")
+        assert len(found) == len(list((chart / "dashboards").glob("*.json")))
+        (config_map,) = [o for o in found if o["metadata"]["name"] == name]
+        return config_map
+
+    config_map = config_map_of()
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "poolwatch"}
-    assert config_map["metadata"]["name"] == "rel-poolwatch-dashboard-poolwatch-overview"
     assert json.loads(config_map["data"]["poolwatch_overview.json"]) == dashboard
     for version in KUBE_VERSIONS:
         assert kubernetes_errors(config_map, version) is None
@@ -340,7 +373,7 @@ def test_dashboards_become_configmaps_for_the_grafana_sidecar(chart_with_dashboa
             "namespace": "grafana",
         }
     }
-    (custom,) = by_kind(objects(render(values, chart=chart)), "ConfigMap")
+    custom = config_map_of(values)
     assert custom["metadata"]["labels"]["my_dashboards"] == "yes"
     assert "grafana_dashboard" not in custom["metadata"]["labels"]
     assert custom["metadata"]["annotations"] == {"grafana_folder": "DB"}
@@ -361,23 +394,71 @@ def test_chart_dashboards_are_the_generated_ones():
 # --- the alert routing ----------------------------------------------------------------------
 
 
+def alertmanager_config(values):
+    (config,) = by_kind(objects(render(values)), "AlertmanagerConfig")
+    return config["spec"]
+
+
 def test_alertmanager_config_pages_critical_and_chats_warning():
-    objs = objects(render(VALUE_SETS["all-on-values.yaml"]))
-    (config,) = by_kind(objs, "AlertmanagerConfig")
-    spec = config["spec"]
-    routes = {r["matchers"][0]["value"]: r["receiver"] for r in spec["route"]["routes"]}
+    spec = alertmanager_config(VALUE_SETS["all-on-values.yaml"])
+    route = spec["route"]
+    assert route["matchers"] == [{"name": "signal", "value": ".+", "matchType": "=~"}]
+    routes = {r["matchers"][0]["value"]: r["receiver"] for r in route["routes"]}
     assert routes == {"critical": "pager", "warning": "chat"}
-    hooks = {r["name"]: r["webhookConfigs"][0]["urlSecret"]["name"] for r in spec["receivers"]}
-    assert hooks == {"pager": "pager-webhook", "chat": "chat-webhook"}
-    assert {"service", "db_client_connection_pool_name"} <= set(spec["route"]["groupBy"])
+    receivers = {r["name"]: r for r in spec["receivers"]}
+    assert receivers["pager"]["pagerdutyConfigs"][0]["routingKey"] == {
+        "name": "alert-receivers",
+        "key": "pagerduty-routing-key",
+    }
+    assert receivers["chat"]["webhookConfigs"][0]["urlSecret"] == {
+        "name": "alert-receivers",
+        "key": "chat-url",
+    }
+    slack = alertmanager_config(
+        {"alertmanagerConfig": {"enabled": True, "pager": {"secret": {"name": "a"}},
+                                "chat": {"secret": {"name": "b"}}}}
+    )  # fmt: skip
+    chat = {r["name"]: r for r in slack["receivers"]}["chat"]["slackConfigs"][0]
+    assert chat["apiURL"] == {"name": "b", "key": "slack-webhook-url"}
+    assert chat["titleLink"] == "{{ (index .Alerts 0).Annotations.runbook_url }}"
     (inhibit,) = spec["inhibitRules"]
     assert inhibit["sourceMatch"][0]["value"] == "critical"
-    assert inhibit["targetMatch"][0]["value"] == "warning"
-    # twins share the label the inhibition compares, so a critical silences only its own warning
+    assert inhibit["targetMatch"] == [{"name": "severity", "value": "warning", "matchType": "="}]
+    # twins share every label the inhibition compares that the rules set themselves
     rules = rules_of({})
     twins = rules["PoolUtilizationCritical"]["labels"], rules["PoolUtilizationWarning"]["labels"]
-    shared = [label for label in inhibit["equal"] if label in twins[0]]
-    assert shared and all(twins[0][label] == twins[1][label] for label in shared)
+    assert "signal" in inhibit["equal"] and twins[0]["signal"] == twins[1]["signal"]
+
+
+def test_alertmanager_defaults_group_and_inhibit_like_the_alert_rules():
+    source = rule_source()
+    spec = alertmanager_config(VALUE_SETS["all-on-values.yaml"])
+    assert spec["route"]["groupBy"] == source.GROUP_BY
+    assert spec["inhibitRules"][0]["equal"] == source.INHIBIT_EQUAL
+
+
+def test_alertmanager_config_mirrors_alerts_alertmanager_yml():
+    path = ROOT / "alerts" / "alertmanager.yml"
+    if not path.exists():
+        pytest.skip("alerts/alertmanager.yml (issue 12) is not on this branch yet")
+    plain = yaml.safe_load(path.read_text())
+    spec = alertmanager_config(VALUE_SETS["all-on-values.yaml"])
+    (poolwatch_route,) = plain["route"]["routes"]
+    assert poolwatch_route["matchers"] == ['signal=~".+"']
+    assert spec["route"]["groupBy"] == poolwatch_route["group_by"]
+    for plain_key, key in [("group_wait", "groupWait"), ("group_interval", "groupInterval"),
+                           ("repeat_interval", "repeatInterval")]:  # fmt: skip
+        assert spec["route"][key] == poolwatch_route[plain_key]
+    plain_routes = {r["matchers"][0]: r for r in poolwatch_route["routes"]}
+    for sub in spec["route"]["routes"]:
+        twin = plain_routes[f'severity="{sub["matchers"][0]["value"]}"']
+        assert (sub["receiver"], sub["repeatInterval"]) == (
+            twin["receiver"],
+            twin["repeat_interval"],
+        )
+    (inhibit,) = plain["inhibit_rules"]
+    assert spec["inhibitRules"][0]["equal"] == inhibit["equal"]
+    assert {r["name"] for r in plain["receivers"]} == {r["name"] for r in spec["receivers"]}
 
 
 # --- the sidecar in a user's chart, from the README ----------------------------------------

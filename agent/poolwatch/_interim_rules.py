@@ -1,18 +1,22 @@
 """Interim alert rules for the Helm chart until the alerts generator (issue 6) is on main.
 
-``gen_helm`` uses ``poolwatch.gen_alerts.rule_groups`` when it exists and this module only
-otherwise; delete it when issue 6 lands. Same interface: ``rule_groups(thresholds)`` returns
-Prometheus rule groups as data, formatting each threshold field into the text (never computing
-with it), so the chart can pass placeholders that become Helm values.
+``gen_helm`` uses ``poolwatch.gen_alerts`` when it exists and this module only otherwise; delete
+it when issue 6 lands. Same interface: ``rule_groups(thresholds, param=None)`` returns the
+Prometheus rule groups as data, ``param(key, field)`` giving the text put in place of each table
+value (field "warning", "critical" or "for"), and ``GROUP_BY``/``INHIBIT_EQUAL`` the
+Alertmanager grouping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-# Worker processes of one pod are summed: one exhausted pool is one alert, not one per worker.
 _POOL = "db_client_connection_pool_name"
+GROUP_BY = ["namespace", "service", "job", _POOL, "server_address", "server_port"]
+INHIBIT_EQUAL = ["signal", *GROUP_BY]
+
+# Worker processes of one pod are summed: one exhausted pool is one alert, not one per worker.
 _SIGNALS: dict[str, tuple[str, str, str]] = {
     # signal: (alert name stem, expression before "> threshold", what it measures)
     "pool_utilization": (
@@ -53,31 +57,42 @@ _SIGNALS: dict[str, tuple[str, str, str]] = {
     ),
     "fleet_connection_budget": (
         "FleetConnectionBudget",
-        "sum(db_client_connection_max) / scalar(max(poolwatch_postgres_max_connections)"
-        " - max(poolwatch_postgres_reserved_connections))",
+        "sum by (namespace) (db_client_connection_max) / on (namespace) max by (namespace)"
+        " (postgresql_connection_max - postgresql_connection_reserved > 0)",
         "sum of pool max over all replicas / usable server connections",
     ),
 }
 
 
-def rule_groups(thresholds: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _table_text(thresholds: Mapping[str, Any], key: str, field: str) -> str:
+    """The default ``param``: the table's own value, as the chart's Helm values print it."""
+    value = getattr(thresholds[key], "for_" if field == "for" else field)
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def rule_groups(
+    thresholds: Mapping[str, Any],
+    param: Callable[[str, str], str] | None = None,
+    runbook_base: str = "alerts/runbook.md",
+) -> list[dict[str, Any]]:
+    text = param or (lambda key, field: _table_text(thresholds, key, field))
     rules = []
     for signal, (stem, expr, what) in _SIGNALS.items():
-        threshold = thresholds[signal]
         for severity in ("warning", "critical"):
+            value = text(signal, severity)
             rules.append(
                 {
                     "alert": f"{stem}{severity.capitalize()}",
-                    "expr": f"{expr} > {getattr(threshold, severity)}",
-                    "for": f"{threshold.for_}",
+                    "expr": f"{expr} > {value}",
+                    "for": text(signal, "for"),
                     "labels": {"severity": severity, "signal": signal},
                     "annotations": {
-                        "summary": f"{what} above {getattr(threshold, severity)}",
+                        "summary": f"{what} above {value}",
                         "description": (
                             f"{what} is {{{{ $value }}}} on {{{{ $labels.{_POOL} }}}}"
                             " ({{ $labels.namespace }}/{{ $labels.service }})"
                         ),
-                        "runbook_url": f"alerts/runbook.md#{signal.replace('_', '-')}",
+                        "runbook_url": f"{runbook_base}#{signal}",
                     },
                 }
             )

@@ -81,6 +81,12 @@ _ENDPOINT_FIELDS = {
     "metricRelabelings", "honorLabels", "params",
 }  # fmt: skip
 _MATCH_TYPES = {"=", "!=", "=~", "!~"}
+# receiver kind: (its field taking a Secret key selector, its other fields the chart uses)
+_RECEIVERS = {
+    "webhookConfigs": ("urlSecret", set()),
+    "pagerdutyConfigs": ("routingKey", {"description", "pagerDutyLinkConfigs"}),
+    "slackConfigs": ("apiURL", {"title", "titleLink", "text"}),
+}
 
 
 def _unknown(where: str, data: dict[str, Any], allowed: set[str]) -> list[str]:
@@ -204,11 +210,14 @@ def _alertmanagerconfig(spec: dict[str, Any]) -> list[str]:
                 errors += _duration(f"{where}.{field}", sub[field])
         errors += _matchers(f"{where}.matchers", sub.get("matchers"))
     for i, receiver in enumerate(spec.get("receivers", [])):
-        errors += _unknown(f"spec.receivers[{i}]", receiver, {"name", "webhookConfigs"})
-        for hook in receiver.get("webhookConfigs", []):
-            secret = hook.get("urlSecret", {})
-            if not secret.get("name") or not secret.get("key") or "url" in hook:
-                errors.append(f"spec.receivers[{i}]: a webhook URL comes from urlSecret name/key")
+        errors += _unknown(f"spec.receivers[{i}]", receiver, {"name", *_RECEIVERS})
+        for kind, (secret_field, fields) in _RECEIVERS.items():
+            for j, config in enumerate(receiver.get(kind, [])):
+                at = f"spec.receivers[{i}].{kind}[{j}]"
+                errors += _unknown(at, config, {secret_field, "sendResolved", *fields})
+                secret = config.get(secret_field) or {}
+                if set(secret) != {"name", "key"} or not all(secret.values()):
+                    errors.append(f"{at}.{secret_field}: a Secret name and key are required")
     for i, rule in enumerate(spec.get("inhibitRules", [])):
         errors += _unknown(f"spec.inhibitRules[{i}]", rule, {"sourceMatch", "targetMatch", "equal"})
         errors += _matchers(f"spec.inhibitRules[{i}].sourceMatch", rule.get("sourceMatch"))
