@@ -320,7 +320,12 @@ def test_monitors_send_the_token_and_name_the_exporters_port():
     (pod_monitor,) = by_kind(objs, "PodMonitor")
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["authorization"]["credentials"] == {"name": "poolwatch-token", "key": "token"}
-    assert endpoint["relabelings"][0]["targetLabel"] == "service"
+    assert endpoint["relabelings"][0] == {
+        "action": "replace",
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
+        "targetLabel": "service",
+    }
+    assert pod_monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
     assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (service_monitor,) = by_kind(objs, "ServiceMonitor")
     (service,) = by_kind(objs, "Service")

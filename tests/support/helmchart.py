@@ -143,7 +143,9 @@ def _matchers(where: str, matchers: Any) -> list[str]:
 
 
 def _podmonitor(spec: dict[str, Any]) -> list[str]:
-    errors = _unknown("spec", spec, {"selector", "namespaceSelector", "podMetricsEndpoints"})
+    errors = _unknown(
+        "spec", spec, {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel"}
+    )
     errors += _selector("spec.selector", spec.get("selector"))
     errors += _unknown(
         "spec.namespaceSelector", spec.get("namespaceSelector", {}), {"any", "matchNames"}
