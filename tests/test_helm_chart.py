@@ -25,10 +25,14 @@ from tests.support.helmchart import (
     custom_resource_errors,
     is_custom,
     kubernetes_errors,
+    make_app_chart,
     objects,
     promtool_check,
+    readme_blocks,
     render,
 )
+
+SIDECAR = "Add the sidecar to your app"
 
 CI_VALUES = sorted(CHART.glob("ci/*-values.yaml"))
 VALUE_SETS = {"default": {}} | {p.name: yaml.safe_load(p.read_text()) for p in CI_VALUES}
@@ -469,30 +473,13 @@ def test_alertmanager_config_mirrors_alerts_alertmanager_yml():
 # --- the sidecar in a user's chart, from the README ----------------------------------------
 
 
-def readme_blocks(section: str) -> list[str]:
-    text = (CHART / "README.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```yaml\n(.*?)```", body, re.S)
-
-
 @pytest.fixture
 def app_chart(tmp_path):
-    """The README's example: an app chart with poolwatch as a dependency and its Deployment."""
-    blocks = readme_blocks("Add the sidecar to your app")
-    (dependencies,) = [b for b in blocks if b.startswith("dependencies:")]
-    (deployment,) = [b for b in blocks if "kind: Deployment" in b]
-    app = tmp_path / "api"
-    (app / "templates").mkdir(parents=True)
-    chart = {"apiVersion": "v2", "name": "api", "version": "1.0.0", **yaml.safe_load(dependencies)}
-    (app / "Chart.yaml").write_text(yaml.safe_dump(chart))
-    (app / "values.yaml").write_text("{}\n")
-    (app / "templates" / "deployment.yaml").write_text(deployment)
-    shutil.copytree(CHART, app / "charts" / "poolwatch")  # what `helm dependency build` does
-    return app, blocks
+    return make_app_chart(tmp_path)
 
 
 def test_readme_snippet_adds_a_valid_sidecar_that_the_podmonitor_scrapes(app_chart):
-    app, _ = app_chart
+    app = app_chart
     objs = objects(render(chart=app, name="shop"))
     (deployment,) = by_kind(objs, "Deployment")
     for version in KUBE_VERSIONS:
@@ -518,8 +505,8 @@ def test_readme_snippet_adds_a_valid_sidecar_that_the_podmonitor_scrapes(app_cha
 
 
 def test_sidecar_values_flow_through_the_parent_chart(app_chart):
-    app, blocks = app_chart
-    (several,) = [b for b in blocks if b.startswith("poolwatch:")]
+    app = app_chart
+    (several,) = [b for b in readme_blocks(SIDECAR) if b.startswith("poolwatch:")]
     values = yaml.safe_load(several)
     values["poolwatch"] |= {"sidecar": {"port": 9500}, "prometheusAnnotations": {"enabled": True}}
     values["poolwatch"]["metricsToken"] = {"existingSecret": "metrics-token"}
@@ -542,8 +529,8 @@ def test_sidecar_values_flow_through_the_parent_chart(app_chart):
 
 
 def test_readme_plain_manifest_is_what_the_templates_render(app_chart):
-    app, blocks = app_chart
-    (plain,) = [yaml.safe_load(b) for b in blocks if b.startswith("containers:")]
+    app = app_chart
+    (plain,) = [yaml.safe_load(b) for b in readme_blocks(SIDECAR) if b.startswith("containers:")]
     (deployment,) = by_kind(objects(render(chart=app, name="shop")), "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     assert plain["containers"][1] == spec["containers"][1]

@@ -9,6 +9,7 @@ uses them.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,28 @@ def render(
 ) -> dict[str, str]:
     with helm.Chart.load(chart) as loaded:
         return loaded.render(values or {}, name=name, namespace="obs", is_install=True)
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The ```yaml blocks of a section of the chart's README."""
+    text = (CHART / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```yaml\n(.*?)```", body, re.S)
+
+
+def make_app_chart(directory: Path) -> Path:
+    """The README's example app chart: poolwatch as a dependency, its Deployment snippet."""
+    blocks = readme_blocks("Add the sidecar to your app")
+    (dependencies,) = [b for b in blocks if b.startswith("dependencies:")]
+    (deployment,) = [b for b in blocks if "kind: Deployment" in b]
+    app = directory / "api"
+    (app / "templates").mkdir(parents=True)
+    chart = {"apiVersion": "v2", "name": "api", "version": "1.0.0", **yaml.safe_load(dependencies)}
+    (app / "Chart.yaml").write_text(yaml.safe_dump(chart))
+    (app / "values.yaml").write_text("{}\n")
+    (app / "templates" / "deployment.yaml").write_text(deployment)
+    shutil.copytree(CHART, app / "charts" / "poolwatch")  # what `helm dependency build` does
+    return app
 
 
 def objects(manifests: dict[str, str]) -> list[dict[str, Any]]:
