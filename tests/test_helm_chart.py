@@ -353,6 +353,7 @@ def chart_with_dashboard(tmp_path):
     copy = tmp_path / "poolwatch"
     shutil.copytree(CHART, copy)
     dashboard = {"uid": "poolwatch-overview", "title": "poolwatch / Overview", "panels": []}
+    (copy / "dashboards").mkdir(exist_ok=True)  # git keeps no empty directory
     (copy / "dashboards" / "poolwatch_overview.json").write_text(json.dumps(dashboard))
     return copy, dashboard
 

@@ -1,7 +1,7 @@
 """The Helm chart's generated files (``helm/poolwatch/``), from the threshold table.
 
-- ``templates/prometheusrule.yaml``: the alert rules with every threshold and ``for:`` window
-  replaced by ``.Values.alerts.thresholds.<signal>.<field>``;
+- ``templates/prometheusrule.yaml``: the alert rules with every threshold, ``for:`` and rate
+  window replaced by ``.Values.alerts.thresholds.<signal>.<field>``;
 - the ``alerts.thresholds`` block of ``values.yaml`` and its part of ``values.schema.json``;
 - the values table of ``README.md`` (from the ``# --`` comments of ``values.yaml``);
 - ``dashboards/*.json``: copies of the generated dashboards (Helm reads files only inside the
@@ -145,7 +145,9 @@ def _yaml(data: Any, indent: int) -> str:
 
 
 def _signal_notes() -> dict[str, str]:
-    """The comment line under each ``[signal]`` of thresholds.toml (which alerts it drives)."""
+    """The comment line under each ``[signal]`` of thresholds.toml (which alerts it drives).
+
+    Read by hand: tomllib drops comments, and this one line is all that is needed."""
     from importlib import resources
 
     notes, key = {}, None
@@ -222,7 +224,10 @@ def values_schema(base: str, thresholds: Mapping[str, Threshold]) -> str:
 
 
 def values_table(values_text: str) -> list[str]:
-    """Rows ``| key | type | default | description |`` for every key with a ``# --`` comment."""
+    """Rows ``| key | type | default | description |`` for every key with a ``# --`` comment.
+
+    The ``# --`` convention is helm-docs'; helm-docs itself is a Go binary the Python toolchain
+    here cannot install, and a YAML parser drops comments, so the keys are tracked by indent."""
     import yaml
 
     values = yaml.safe_load(values_text)
