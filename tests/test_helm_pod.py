@@ -157,13 +157,12 @@ def test_standalone_exporter_reads_the_database_view_from_the_secret(tmp_path, p
     }
     manifests = objects(render(values))
     (deployment,) = by_kind(manifests, "Deployment")
-    (config_map,) = by_kind(manifests, "ConfigMap")
     (service_monitor,) = by_kind(manifests, "ServiceMonitor")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     volumes = {v["name"]: str(tmp_path / v["name"]) for v in pod["volumes"]}
     secrets = {("pg", "dsn"): postgres.dsn(), ("metrics-token", "token"): TOKEN}
-    config_maps = {config_map["metadata"]["name"]: config_map["data"]}
+    config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(manifests, "ConfigMap")}
     args, env = local_container(container, volumes, secrets, config_maps)
     for directory in volumes.values():
         os.makedirs(directory)
