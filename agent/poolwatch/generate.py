@@ -12,9 +12,8 @@ from typing import Any
 
 from .thresholds import ThresholdError, load
 
-GENERATORS: list[str] = []  # modules, e.g. "poolwatch.gen_alerts"
-GENERATORS.append("poolwatch.gen_dashboards")
-GENERATORS.append("poolwatch.gen_alerts")
+# Order matters: the chart copies the dashboards and renders the alert rules of this same run.
+GENERATORS: list[str] = ["poolwatch.gen_alerts", "poolwatch.gen_dashboards", "poolwatch.gen_helm"]
 
 
 def render_all(overrides: str | None = None) -> dict[str, str]:
