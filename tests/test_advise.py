@@ -190,6 +190,13 @@ async def test_advise_samples_a_live_app(postgres, app_server):
     assert PASSWORD not in output
 
 
+def _answers(url: str, needle: str) -> bool:
+    try:
+        return needle in get(url)
+    except OSError:  # urllib's HTTPError/URLError: not up yet
+        return False
+
+
 def test_advise_reads_prometheus(postgres, app_server, tmp_path):
     server = app_server(APP, {"ASYNCPG_DSN": postgres.dsn(), "POOL_SIZE": "3", "MAX_OVERFLOW": "0"})
     prom_port = free_port()
@@ -216,8 +223,8 @@ def test_advise_reads_prometheus(postgres, app_server, tmp_path):
         wait_for_port(prom_port, proc=prom)
         up = f"{prom_url}/api/v1/query?query=up"
         deadline = time.monotonic() + 20
-        while '"value"' not in get(up) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        while not _answers(up, '"value"') and time.monotonic() < deadline:
+            time.sleep(0.5)  # Prometheus answers 503 until its TSDB is ready
         asyncio.run(steady_load(f"{server.url}/apg/hold?seconds=0.05", 2, 6.0))
         time.sleep(2.5)  # two more scrapes see the end of the load
         result = advise(
