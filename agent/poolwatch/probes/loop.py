@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 PROBE = "loop"
 OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
 UNKNOWN = "unknown"  # the block ended before the watchdog could sample the stack
+CPU_STARVED = "cpu-starved"  # the loop's thread was runnable but got no CPU (limits, busy node)
 TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tasks)
 STACK_SHOWN = 8  # frames in the log line's short stack
 
@@ -73,19 +74,39 @@ def _where(frame: FrameType) -> str:
     return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_qualname}"
 
 
+# asyncio's dispatch between the frame running the loop and a callback (uvloop's is C code)
+_DISPATCH = (
+    asyncio.events.Handle._run.__code__,
+    asyncio.base_events.BaseEventLoop._run_once.__code__,
+)
+_RUN_ONCE = asyncio.base_events.BaseEventLoop._run_once.__code__
+
+
 class Sample(NamedTuple):
     due: float  # the overdue tick this sample belongs to
-    culprit: str  # "module:function"
+    culprit: str | None  # "module:function"; None: the loop was idle, waiting for I/O
     stack: list[str]  # innermost first, "module:function:line"
     route: str | None  # "GET /users/{id}" when the block is inside a request
 
 
-def sample_stack(frame: FrameType, due: float, app_packages: frozenset[str]) -> Sample:
+def sample_stack(
+    frame: FrameType, due: float, app_packages: frozenset[str], runner: tuple[int, object]
+) -> Sample:
     """Name the culprit of a stack, innermost frame first (see :func:`code_kind`).
 
     No application frame (a library blocked on its own): the innermost frame outside the
-    standard library and poolwatch, else the innermost frame.
+    standard library and poolwatch, else the innermost frame. None when the loop was in its own
+    machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
+    ``runner``, the frame running the loop), where only the machine can stall it.
     """
+    f: FrameType | None = frame
+    while f is not None:
+        if (id(f), f.f_code) == runner:
+            return Sample(due, None, [], None)
+        module = f.f_globals.get("__name__", "")
+        if module != "selectors" and not module.startswith("asyncio."):
+            break
+        f = f.f_back
     frames: list[FrameType] = []
     f: FrameType | None = frame
     while f is not None and len(frames) < 256:
@@ -147,11 +168,16 @@ class LoopWatch:
         self.stopped = False
         self._named = 0  # distinct culprit labels given so far
         self._thread_id: int | None = None  # the loop's thread, learnt by the first tick
+        self._native_id: int | None = None
+        self.runner: tuple[int, object] = (0, None)  # (id, code) of the frame running the loop
+        self._schedstat: int | None = None  # fd of the loop thread's /proc schedstat (Linux)
+        self._cpu_ref: tuple[float, float] | None = None  # its schedstat, last seen healthy
         self._due = float("inf")  # perf_counter() when the pending tick should run
         self._handle: asyncio.TimerHandle | None = None
         self._next_tasks = 0.0
         self._ended: deque[tuple[float, float]] = deque()  # (due, lag) of ticks >= threshold late
         self._sample: Sample | None = None
+        self._stalled = 0.0  # the due time of the tick the watchdog last found overdue
         self._wake = threading.Event()
         self._watchdog = threading.Thread(
             target=self._watch, name="poolwatch-loop-watchdog", daemon=True
@@ -186,6 +212,12 @@ class LoopWatch:
 
     # --- on the loop's thread: the tick -----------------------------------------------------
     def _first_tick(self) -> None:
+        runner = sys._getframe(1)  # under asyncio, its dispatch; under uvloop, C calls us
+        while runner is not None and runner.f_code in _DISPATCH:
+            runner = runner.f_back
+        if runner is not None:  # kept as (id, code): a frame reference would hold its locals
+            self.runner = (id(runner), runner.f_code)
+        self._native_id = threading.get_native_id()
         self._thread_id = threading.get_ident()
         self._arm()
 
@@ -217,28 +249,40 @@ class LoopWatch:
 
     # --- on the watchdog's thread -----------------------------------------------------------
     def _watch(self) -> None:
-        poll = self.threshold / 4  # samples a block within threshold + poll of its start
-        last = perf_counter()
         while not self.stopped:
-            self._wake.wait(poll)
+            due = self._due
+            if due == self._stalled:  # a block in progress: look again until it ends
+                timeout = self.threshold / 4
+            else:
+                # Sleep until the pending tick would be overdue by the threshold: a healthy loop
+                # wakes us about once per threshold (each wake-up costs the loop a GIL
+                # hand-off), and a block is caught the moment it becomes one.
+                timeout = min(max(due + self.threshold - perf_counter(), 0.0), self.threshold)
+            target = perf_counter() + timeout
+            self._wake.wait(timeout)
             self._wake.clear()
             now = perf_counter()
             try:
                 if self.loop.is_closed():  # the app's loop ended without stopping us
                     self.stop()
                     break
-                self._check(now, late=now - last - poll)
-                while self._ended:
+                while self._ended:  # before _check: it moves the schedstat reference on
                     self._record(*self._ended.popleft())
+                self._check(now, late=now - target)
             except Exception as exc:
                 errors.record(PROBE, exc)
-            last = now
+        if self._schedstat is not None:
+            os.close(self._schedstat)
 
     def _check(self, now: float, late: float) -> None:
         """Sample the loop thread's stack once per overdue tick."""
         due, thread_id = self._due, self._thread_id
-        if thread_id is None or now - due < self.threshold:
+        if thread_id is None:
             return
+        if now - due < self.threshold:
+            self._cpu_ref = self._schedstat_now()  # the loop is healthy: a fresh reference
+            return
+        self._stalled = due
         if self._sample is not None and self._sample.due == due:
             return
         if late > self.threshold / 2:
@@ -249,19 +293,50 @@ class LoopWatch:
             return
         frame = sys._current_frames().get(thread_id)
         if frame is not None and self._due == due:
-            self._sample = sample_stack(frame, due, self.app_packages)
+            self._sample = sample_stack(frame, due, self.app_packages, self.runner)
+
+    def _schedstat_now(self) -> tuple[float, float] | None:
+        """(seconds on a CPU, seconds runnable but waiting for one) of the loop's thread, from
+        Linux schedstat; None elsewhere. A thread blocked in a call (sleep, recv) is neither."""
+        try:
+            if self._schedstat is None and self._native_id is not None:
+                path = f"/proc/self/task/{self._native_id}/schedstat"
+                self._schedstat = os.open(path, os.O_RDONLY)
+            if self._schedstat is not None:
+                ran, waited = os.pread(self._schedstat, 128, 0).split()[:2]
+                return int(ran) / 1e9, int(waited) / 1e9
+        except (OSError, ValueError):
+            self._native_id = None  # not Linux, or no schedstat: stop trying
+        return None
+
+    def _starved(self, lag: float, details: dict[str, object]) -> bool:
+        """Was the stall the OS's doing (CPU limits, a busy node) rather than the code's? Yes when
+        the loop's thread spent a quarter of it or more waiting for a CPU, and longer than it
+        ran. (A thread blocked in a call neither runs nor waits: such a block stays the code's.)"""
+        now, before = self._schedstat_now(), self._cpu_ref
+        if now is None or before is None:
+            return False
+        ran, waited = now[0] - before[0], now[1] - before[1]
+        details["ran_s"], details["waited_for_cpu_s"] = round(ran, 3), round(waited, 3)
+        return waited >= lag / 4 and waited > ran
 
     def _record(self, due: float, lag: float) -> None:
         sample = self._sample if self._sample is not None and self._sample.due == due else None
         # The block began at an unknown point of the interval before the late tick was due:
         # adding half an interval keeps the error within +- interval/2 (lag alone under-reports).
         seconds = lag + self.interval / 2
-        culprit = sample.culprit if sample else UNKNOWN
+        culprit = sample.culprit if sample and sample.culprit else UNKNOWN
+        details: dict[str, object] = {}
+        if self._starved(lag, details):
+            culprit = CPU_STARVED
+        if sample and sample.culprit is None:
+            details["idle"] = True  # sampled in its I/O wait: the machine stalled, not the code
         label = self._label(culprit)
         self.blocks[label] = self.blocks.get(label, 0) + 1
         self.blocked_seconds += seconds
-        details = {"route": sample.route} if sample and sample.route else {}
-        if sample:
+        if sample and sample.route:
+            details["route"] = sample.route
+        if sample and sample.stack:
             details["frames"] = " <- ".join(sample.stack)  # structlog reserves "stack"
         logger.warning(
             "event loop blocked", duration_s=round(seconds, 3), culprit=culprit, **details
@@ -270,8 +345,8 @@ class LoopWatch:
     def _label(self, culprit: str) -> str:
         if culprit in self.blocks:
             return culprit
-        if culprit == UNKNOWN or self._named < self.max_culprits:
-            self._named += culprit != UNKNOWN
+        if culprit in (UNKNOWN, CPU_STARVED) or self._named < self.max_culprits:
+            self._named += culprit not in (UNKNOWN, CPU_STARVED)
             return culprit
         return OTHER
 
@@ -320,3 +395,8 @@ def watch(agent: Agent, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         previous.stop()
     watcher.start()
     return watcher.stop
+
+
+def watching() -> LoopWatch | None:
+    """The loop watcher of this process, if one runs."""
+    return _current
