@@ -261,10 +261,8 @@ def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> Callable[
     """Measure lag, blocks and tasks of ``loop`` (default: the running loop) without
     ``instrument()``; returns a callable that stops it. The series are served by the agent's
     ``/metrics`` listener when it runs, or by ``PoolwatchCollector(agent.registry.collect)``."""
-    from .probes import loop as loop_probe
-
     agent.app_module = agent.app_module or _caller_module()
-    return loop_probe.watch(agent, loop or asyncio.get_running_loop())
+    return agent.probe("loop").watch(agent, loop or asyncio.get_running_loop())
 
 
 def _caller_module() -> str | None:

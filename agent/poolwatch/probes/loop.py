@@ -79,12 +79,11 @@ _DISPATCH = (
     asyncio.events.Handle._run.__code__,
     asyncio.base_events.BaseEventLoop._run_once.__code__,
 )
-_RUN_ONCE = asyncio.base_events.BaseEventLoop._run_once.__code__
 
 
 class Sample(NamedTuple):
     due: float  # the overdue tick this sample belongs to
-    culprit: str | None  # "module:function"; None: the loop was idle, waiting for I/O
+    culprit: str | None  # "module:function"; None: the loop was in its own machinery
     stack: list[str]  # innermost first, "module:function:line"
     route: str | None  # "GET /users/{id}" when the block is inside a request
 
@@ -99,14 +98,8 @@ def sample_stack(
     machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
     ``runner``, the frame running the loop), where only the machine can stall it.
     """
-    f: FrameType | None = frame
-    while f is not None:
-        if (id(f), f.f_code) == runner:
-            return Sample(due, None, [], None)
-        module = f.f_globals.get("__name__", "")
-        if module != "selectors" and not module.startswith("asyncio."):
-            break
-        f = f.f_back
+    if _in_loop_machinery(frame, runner):
+        return Sample(due, None, [], None)
     frames: list[FrameType] = []
     f: FrameType | None = frame
     while f is not None and len(frames) < 256:
@@ -124,6 +117,19 @@ def sample_stack(
     if len(lines) > STACK_SHOWN:
         lines = [*lines[:3], "...", *lines[-(STACK_SHOWN - 4) :]]
     return Sample(due, _where(frames[index]), lines, _route(frames))
+
+
+def _in_loop_machinery(frame: FrameType, runner: tuple[int, object]) -> bool:
+    """Only asyncio/selectors frames between ``frame`` and the frame running the loop?"""
+    f: FrameType | None = frame
+    while f is not None:
+        if (id(f), f.f_code) == runner:
+            return True
+        module = f.f_globals.get("__name__", "")
+        if module != "selectors" and not module.startswith("asyncio."):
+            return False
+        f = f.f_back
+    return False
 
 
 def _route(frames: list[FrameType]) -> str | None:
@@ -330,7 +336,7 @@ class LoopWatch:
         if self._starved(lag, details):
             culprit = CPU_STARVED
         if sample and sample.culprit is None:
-            details["idle"] = True  # sampled in its I/O wait: the machine stalled, not the code
+            details["idle"] = True  # sampled in its own machinery: the machine stalled, not code
         label = self._label(culprit)
         self.blocks[label] = self.blocks.get(label, 0) + 1
         self.blocked_seconds += seconds
@@ -368,7 +374,13 @@ _current_lock = threading.Lock()
 
 
 def install(agent: Agent) -> list[Undo]:
-    return []  # no class-level hooks: everything starts with the loop
+    """No class-level hooks (everything starts with the loop); uninstrument() stops the watcher."""
+    return [_stop_current]
+
+
+def _stop_current() -> None:
+    if (watcher := _current) is not None:
+        watcher.stop()
 
 
 def start(agent: Agent) -> Callable[[], None] | None:
