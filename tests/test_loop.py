@@ -417,3 +417,9 @@ def test_culprit_rule():
     # an app installed into site-packages is recognised by the package that called instrument()
     assert code_kind(f"{site}/shop/db.py", "shop.db", frozenset({"shop"})) == APP
     assert code_kind(f"{site}/shop/db.py", "shop.db", none) == LIBRARY
+    scripts = sysconfig.get_paths()["scripts"]  # pip's entry points (bin/uvicorn) are libraries
+    assert code_kind(f"{scripts}/uvicorn", "__main__", none) == LIBRARY
+    # the demo: its module is the app, the rest of poolwatch is not
+    demo = frozenset({"poolwatch.demo"})
+    assert code_kind(f"{site}/poolwatch/demo.py", "poolwatch.demo", demo) == APP
+    assert code_kind(f"{site}/poolwatch/asgi.py", "poolwatch.asgi", demo) == STDLIB

@@ -45,6 +45,7 @@ _STDLIB = tuple(
     }
 )
 _LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+_SCRIPTS = os.path.join(sysconfig.get_paths()["scripts"], "")  # pip's entry points: uvicorn...
 
 
 APP, LIBRARY, STDLIB = "app", "library", "stdlib"
@@ -53,19 +54,19 @@ APP, LIBRARY, STDLIB = "app", "library", "stdlib"
 def code_kind(filename: str, module: str, app_packages: frozenset[str]) -> str:
     """The culprit rule: is this frame the application's, a library's or the stdlib's?
 
-    ``stdlib`` for the standard library (asyncio, selectors, socket...), generated code
-    (``<frozen ...>``, ``<string>``) and poolwatch itself; ``library`` for anything installed
-    under ``site-packages``/``dist-packages`` (uvicorn, starlette, fastapi, anyio, uvloop, but also
-    requests, httpx, a sync DB driver...); ``app`` for everything else, and always for the
-    top-level package of the module that called ``instrument()``/``watch_event_loop()``, so an
-    app installed into site-packages is still recognised as the app.
+    ``app`` for the package of the module that called ``instrument()``/``watch_event_loop()``
+    (its top-level package, or the module itself inside poolwatch, i.e. the demo), wherever it
+    is installed. Else ``stdlib`` for poolwatch, generated code (``<frozen ...>``, ``<string>``)
+    and the standard library (asyncio, selectors, socket...); ``library`` for anything under
+    ``site-packages``/``dist-packages`` (uvicorn, starlette, fastapi, anyio, uvloop, but also
+    requests, httpx, a sync DB driver...) and pip's entry-point scripts (``bin/uvicorn``);
+    ``app`` for everything else.
     """
-    top = module.partition(".")[0]
-    if top == "poolwatch" or filename.startswith("<"):
-        return STDLIB
-    if top in app_packages:
+    if any(module == p or module.startswith(f"{p}.") for p in app_packages):
         return APP
-    if any(part in filename for part in _LIBRARY_DIRS):
+    if module.partition(".")[0] == "poolwatch" or filename.startswith("<"):
+        return STDLIB
+    if filename.startswith(_SCRIPTS) or any(part in filename for part in _LIBRARY_DIRS):
         return LIBRARY
     return STDLIB if filename.startswith(_STDLIB) else APP
 
@@ -397,7 +398,9 @@ def watch(agent: Agent, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     global _current
     settings = agent.settings or load_settings()
     module = agent.app_module or ""
-    packages = frozenset({module.partition(".")[0]} - {"", "__main__"})
+    top = module.partition(".")[0]
+    # the caller's package is the app's; inside poolwatch (the demo) only the caller's module is
+    packages = frozenset({module if top == "poolwatch" else top} - {"", "__main__"})
     with _current_lock:
         previous = _current
         if previous is not None and previous.loop is loop and not previous.stopped:
