@@ -400,6 +400,17 @@ def test_probe_and_watchdog_start_and_stop_with_the_app(loop_name, clean_agent):
     assert poolwatch_threads() == []
 
 
+def test_an_interval_not_below_the_threshold_fails_at_start_up():
+    from poolwatch.config import ConfigError, load_settings
+
+    environ = {"POOLWATCH_LOOP_INTERVAL": "0.5", "POOLWATCH_BLOCK_THRESHOLD": "0.1"}
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ=environ)
+    message = str(error.value)
+    assert message.startswith("POOLWATCH_LOOP_INTERVAL=0.5 must be smaller than ")
+    assert "POOLWATCH_BLOCK_THRESHOLD=0.1" in message and "\n" not in message
+
+
 def test_culprit_rule():
     import sysconfig
 
