@@ -481,7 +481,7 @@ def test_panels_on_merged_probes_return_data(live):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="probes not on main yet: event loop (issue 4), HTTP server "
+    reason="probes not on main yet: HTTP server "
     "(issue 5); the failure message lists each panel without data and its missing metric",
 )
 def test_every_panel_query_returns_data(live):

@@ -12,6 +12,7 @@ from .agent import (
     watch_aiohttp_session,
     watch_asyncpg_pool,
     watch_engine,
+    watch_event_loop,
 )
 from .config import ConfigError
 
@@ -23,4 +24,5 @@ __all__ = [
     "watch_aiohttp_session",
     "watch_asyncpg_pool",
     "watch_engine",
+    "watch_event_loop",
 ]

@@ -6,9 +6,11 @@ is not installed are skipped, so the agent runs with none of sqlalchemy/asyncpg/
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,7 @@ PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
     "leaks": (None, "poolwatch.leaks"),  # checker thread of POOLWATCH_LEAK_THRESHOLD
     "aiohttp": ("aiohttp", "poolwatch.probes.aiohttp"),
+    "loop": (None, "poolwatch.probes.loop"),
 }
 
 
@@ -45,6 +48,8 @@ class Agent:
         self._stops: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self.metrics_port: int | None = None  # the bound port, once listening
+        # Module that called instrument(): its package is application code for loop culprits.
+        self.app_module: str | None = None
 
     # --- set-up -----------------------------------------------------------------------------
     def configure(self, options: dict[str, Any]) -> Settings:
@@ -183,6 +188,7 @@ class Agent:
             self.discovering = False
             self._probes.clear()
             self.settings = None
+            self.app_module = None
             self.registry = Registry()
         for undo in reversed(undos):
             try:
@@ -204,6 +210,7 @@ def instrument(app: Any = None, **options: Any) -> Any:
     from .asgi import PoolwatchMiddleware
 
     agent.configure(options)
+    agent.app_module = agent.app_module or _caller_module()
     agent.discover()
     if app is None:
         return None
@@ -248,3 +255,16 @@ def watch_aiohttp_session(session: Any, name: str | None = None) -> Any:
         )
     probe.watch(agent, session, name)
     return session
+
+
+def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> Callable[[], None]:
+    """Measure lag, blocks and tasks of ``loop`` (default: the running loop) without
+    ``instrument()``; returns a callable that stops it. The series are served by the agent's
+    ``/metrics`` listener when it runs, or by ``PoolwatchCollector(agent.registry.collect)``."""
+    agent.app_module = agent.app_module or _caller_module()
+    return agent.probe("loop").watch(agent, loop or asyncio.get_running_loop())
+
+
+def _caller_module() -> str | None:
+    """The module that called the public function calling this one."""
+    return sys._getframe(2).f_globals.get("__name__")

@@ -161,7 +161,15 @@ def load_settings(
             raise ConfigError(
                 f"{source}={raw!r} is invalid: expected {spec.allowed}. Fix or unset {spec.env}."
             ) from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.loop_interval >= settings.block_threshold:  # the lag timer would miss blocks
+        raise ConfigError(
+            f"POOLWATCH_LOOP_INTERVAL={settings.loop_interval:g} must be smaller than "
+            f"POOLWATCH_BLOCK_THRESHOLD={settings.block_threshold:g}: a block that ends before "
+            "the next lag tick is due goes unseen. Lower the interval (default 0.01) or raise "
+            "the threshold (default 0.1)."
+        )
+    return settings
 
 
 def _check_typed(name: str, value: Any, spec: _Spec, source: str) -> Any:

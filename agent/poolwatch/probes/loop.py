@@ -1,0 +1,417 @@
+"""Event loop: lag, blocks, and the code that blocked it.
+
+A timer callback (the *tick*), re-armed every ``POOLWATCH_LOOP_INTERVAL``, measures how late the
+loop runs it: the lag. A watchdog thread notices when the pending tick is overdue by
+``POOLWATCH_BLOCK_THRESHOLD``, samples the loop thread's stack (``sys._current_frames()``) while
+the block is still on, and once the tick finally runs it counts the block under the innermost
+application frame (:func:`code_kind`) and logs one warning. The app's own path pays one timer
+callback per interval; the sampling, counting and logging happen on the watchdog's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import sysconfig
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from types import FrameType
+from typing import TYPE_CHECKING, NamedTuple
+
+from ..config import Settings, load_settings
+from ..log import errors, logger
+from ..metrics import LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS, Histogram, Point
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+    from ..patching import Undo
+    from ..registry import Registry
+
+PROBE = "loop"
+OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
+UNKNOWN = "unknown"  # the block ended before the watchdog could sample the stack
+CPU_STARVED = "cpu-starved"  # the loop's thread was runnable but got no CPU (limits, busy node)
+TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tasks)
+STACK_SHOWN = 8  # frames in the log line's short stack
+
+_STDLIB = tuple(
+    {
+        os.path.join(path, "")
+        for key in ("stdlib", "platstdlib")
+        for path in (sysconfig.get_paths()[key], os.path.realpath(sysconfig.get_paths()[key]))
+    }
+)
+_LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+_SCRIPTS = os.path.join(sysconfig.get_paths()["scripts"], "")  # pip's entry points: uvicorn...
+
+
+APP, LIBRARY, STDLIB = "app", "library", "stdlib"
+
+
+def code_kind(filename: str, module: str, app_packages: frozenset[str]) -> str:
+    """The culprit rule: is this frame the application's, a library's or the stdlib's?
+
+    ``app`` for the package of the module that called ``instrument()``/``watch_event_loop()``
+    (its top-level package, or the module itself inside poolwatch, i.e. the demo), wherever it
+    is installed. Else ``stdlib`` for poolwatch, generated code (``<frozen ...>``, ``<string>``)
+    and the standard library (asyncio, selectors, socket...); ``library`` for anything under
+    ``site-packages``/``dist-packages`` (uvicorn, starlette, fastapi, anyio, uvloop, but also
+    requests, httpx, a sync DB driver...) and pip's entry-point scripts (``bin/uvicorn``);
+    ``app`` for everything else.
+    """
+    if any(module == p or module.startswith(f"{p}.") for p in app_packages):
+        return APP
+    if module.partition(".")[0] == "poolwatch" or filename.startswith("<"):
+        return STDLIB
+    if filename.startswith(_SCRIPTS) or any(part in filename for part in _LIBRARY_DIRS):
+        return LIBRARY
+    return STDLIB if filename.startswith(_STDLIB) else APP
+
+
+def _where(frame: FrameType) -> str:
+    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_qualname}"
+
+
+# asyncio's dispatch between the frame running the loop and a callback (uvloop's is C code)
+_DISPATCH = (
+    asyncio.events.Handle._run.__code__,
+    asyncio.base_events.BaseEventLoop._run_once.__code__,
+)
+
+
+class Sample(NamedTuple):
+    due: float  # the overdue tick this sample belongs to
+    culprit: str | None  # "module:function"; None: the loop was in its own machinery
+    stack: list[str]  # innermost first, "module:function:line"
+    route: str | None  # "GET /users/{id}" when the block is inside a request
+
+
+def sample_stack(
+    frame: FrameType, due: float, app_packages: frozenset[str], runner: tuple[int, object]
+) -> Sample:
+    """Name the culprit of a stack, innermost frame first (see :func:`code_kind`).
+
+    No application frame (a library blocked on its own): the innermost frame outside the
+    standard library and poolwatch, else the innermost frame. None when the loop was in its own
+    machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
+    ``runner``, the frame running the loop), where only the machine can stall it.
+    """
+    if _in_loop_machinery(frame, runner):
+        return Sample(due, None, [], None)
+    frames: list[FrameType] = []
+    f: FrameType | None = frame
+    while f is not None and len(frames) < 256:
+        frames.append(f)
+        f = f.f_back
+    kinds = [
+        code_kind(f.f_code.co_filename, f.f_globals.get("__name__", ""), app_packages)
+        for f in frames
+    ]
+    index = next(
+        (i for i, kind in enumerate(kinds) if kind == APP),
+        next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0),
+    )
+    lines = [f"{_where(f)}:{f.f_lineno}" for f in frames[: index + 3]]
+    if len(lines) > STACK_SHOWN:
+        lines = [*lines[:3], "...", *lines[-(STACK_SHOWN - 4) :]]
+    return Sample(due, _where(frames[index]), lines, _route(frames))
+
+
+def _in_loop_machinery(frame: FrameType, runner: tuple[int, object]) -> bool:
+    """Only asyncio/selectors frames between ``frame`` and the frame running the loop?"""
+    f: FrameType | None = frame
+    while f is not None:
+        if (id(f), f.f_code) == runner:
+            return True
+        module = f.f_globals.get("__name__", "")
+        if module != "selectors" and not module.startswith("asyncio."):
+            return False
+        f = f.f_back
+    return False
+
+
+def _route(frames: list[FrameType]) -> str | None:
+    """The route template of the request whose task is blocked, read from the poolwatch ASGI
+    middleware's frame on the blocked stack (nothing is recorded per request to make this work).
+    A contextvar would not do: another thread cannot read the loop thread's context."""
+    from ..asgi import PoolwatchMiddleware
+
+    code = PoolwatchMiddleware.__call__.__code__
+    for f in frames:
+        if f.f_code is code:
+            scope = f.f_locals.get("scope")
+            if not isinstance(scope, dict):
+                return None
+            path = getattr(scope.get("route"), "path", None)  # the template, never the raw path
+            return f"{scope.get('method', '')} {path}".strip() if path else None
+    return None
+
+
+class LoopWatch:
+    """Lag probe, watchdog thread and the metric source of one event loop."""
+
+    probe = PROBE
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: Settings,
+        app_packages: frozenset[str],
+        registry: Registry,
+    ) -> None:
+        self.loop = loop
+        self.interval = settings.loop_interval
+        self.threshold = settings.block_threshold
+        self.max_culprits = settings.max_culprits
+        self.app_packages = app_packages
+        self.registry = registry
+        self.lag = Histogram()
+        self.blocks: dict[str, int] = {OTHER: 0}  # written by the watchdog thread only
+        self.blocked_seconds = 0.0
+        self.tasks = 0
+        self.stopped = False
+        self._named = 0  # distinct culprit labels given so far
+        self._thread_id: int | None = None  # the loop's thread, learnt by the first tick
+        self._native_id: int | None = None
+        self.runner: tuple[int, object] = (0, None)  # (id, code) of the frame running the loop
+        self._schedstat: int | None = None  # fd of the loop thread's /proc schedstat (Linux)
+        self._cpu_ref: tuple[float, float] | None = None  # its schedstat, last seen healthy
+        self._due = float("inf")  # perf_counter() when the pending tick should run
+        self._handle: asyncio.TimerHandle | None = None
+        self._next_tasks = 0.0
+        self._ended: deque[tuple[float, float]] = deque()  # (due, lag) of ticks >= threshold late
+        self._sample: Sample | None = None
+        self._stalled = 0.0  # the due time of the tick the watchdog last found overdue
+        self._wake = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="poolwatch-loop-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        self.registry.add(self)
+        self.loop.call_soon_threadsafe(self._first_tick)  # works from any thread
+        self._watchdog.start()
+
+    def stop(self) -> None:
+        global _current
+        if self.stopped:
+            return
+        self.stopped = True  # the tick does not re-arm; the watchdog exits
+        self.registry.remove(self)
+        with _current_lock:
+            if _current is self:
+                _current = None
+        handle = self._handle
+        try:
+            if handle is not None:
+                if threading.get_ident() == self._thread_id:
+                    handle.cancel()
+                elif not self.loop.is_closed():
+                    self.loop.call_soon_threadsafe(handle.cancel)  # TimerHandle isn't thread-safe
+        except RuntimeError:  # the loop closed meanwhile: the handle will never run anyway
+            pass
+        self._wake.set()
+        if self._watchdog.is_alive() and threading.current_thread() is not self._watchdog:
+            self._watchdog.join(timeout=2)
+
+    # --- on the loop's thread: the tick -----------------------------------------------------
+    def _first_tick(self) -> None:
+        runner = sys._getframe(1)  # under asyncio, its dispatch; under uvloop, C calls us
+        while runner is not None and runner.f_code in _DISPATCH:
+            runner = runner.f_back
+        if runner is not None:  # kept as (id, code): a frame reference would hold its locals
+            self.runner = (id(runner), runner.f_code)
+        self._native_id = threading.get_native_id()
+        self._thread_id = threading.get_ident()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.stopped:
+            return
+        try:
+            self._due = perf_counter() + self.interval
+            self._handle = self.loop.call_later(self.interval, self._tick)
+        except Exception as exc:  # e.g. the loop is closing
+            errors.record(PROBE, exc)
+
+    def _tick(self) -> None:
+        now = perf_counter()
+        try:
+            lag = max(0.0, now - self._due)  # uvloop's ms timers may fire up to 1 ms early
+            self.lag.observe(lag)
+            if lag >= self.threshold:
+                self._ended.append((self._due, lag))
+                self._wake.set()
+            if now >= self._next_tasks:
+                self._next_tasks = now + TASKS_EVERY
+                # Only on the loop's own thread: all_tasks() iterates a WeakSet the loop mutates
+                # as tasks start and finish, so from another thread it can fail or miscount.
+                self.tasks = len(asyncio.all_tasks(self.loop))
+        except Exception as exc:
+            errors.record(PROBE, exc)
+        self._arm()
+
+    # --- on the watchdog's thread -----------------------------------------------------------
+    def _watch(self) -> None:
+        while not self.stopped:
+            due = self._due
+            if due == self._stalled:  # a block in progress: look again until it ends
+                timeout = self.threshold / 4
+            else:
+                # Sleep until the pending tick would be overdue by the threshold: a healthy loop
+                # wakes us about once per threshold (each wake-up costs the loop a GIL
+                # hand-off), and a block is caught the moment it becomes one.
+                timeout = min(max(due + self.threshold - perf_counter(), 0.0), self.threshold)
+            target = perf_counter() + timeout
+            self._wake.wait(timeout)
+            self._wake.clear()
+            now = perf_counter()
+            try:
+                if self.loop.is_closed():  # the app's loop ended without stopping us
+                    self.stop()
+                    break
+                while self._ended:  # before _check: it moves the schedstat reference on
+                    self._record(*self._ended.popleft())
+                self._check(now, late=now - target)
+            except Exception as exc:
+                errors.record(PROBE, exc)
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+
+    def _check(self, now: float, late: float) -> None:
+        """Sample the loop thread's stack once per overdue tick."""
+        due, thread_id = self._due, self._thread_id
+        if thread_id is None:
+            return
+        if now - due < self.threshold:
+            self._cpu_ref = self._schedstat_now()  # the loop is healthy: a fresh reference
+            return
+        self._stalled = due
+        if self._sample is not None and self._sample.due == due:
+            return
+        if late > self.threshold / 2:
+            # We could not run for a while: C code held the GIL, so the block may already be
+            # over and the loop's stack belong to some later callback. Only sample a live block.
+            return
+        if not self.loop.is_running():
+            return
+        frame = sys._current_frames().get(thread_id)
+        if frame is not None and self._due == due:
+            self._sample = sample_stack(frame, due, self.app_packages, self.runner)
+
+    def _schedstat_now(self) -> tuple[float, float] | None:
+        """(seconds on a CPU, seconds runnable but waiting for one) of the loop's thread, from
+        Linux schedstat; None elsewhere. A thread blocked in a call (sleep, recv) is neither."""
+        try:
+            if self._schedstat is None and self._native_id is not None:
+                path = f"/proc/self/task/{self._native_id}/schedstat"
+                self._schedstat = os.open(path, os.O_RDONLY)
+            if self._schedstat is not None:
+                ran, waited = os.pread(self._schedstat, 128, 0).split()[:2]
+                return int(ran) / 1e9, int(waited) / 1e9
+        except (OSError, ValueError):
+            self._native_id = None  # not Linux, or no schedstat: stop trying
+        return None
+
+    def _starved(self, lag: float, details: dict[str, object]) -> bool:
+        """Was the stall the OS's doing (CPU limits, a busy node) rather than the code's? Yes when
+        the loop's thread spent a quarter of it or more waiting for a CPU, and longer than it
+        ran. (A thread blocked in a call neither runs nor waits: such a block stays the code's.)"""
+        now, before = self._schedstat_now(), self._cpu_ref
+        if now is None or before is None:
+            return False
+        ran, waited = now[0] - before[0], now[1] - before[1]
+        details["ran_s"], details["waited_for_cpu_s"] = round(ran, 3), round(waited, 3)
+        return waited >= lag / 4 and waited > ran
+
+    def _record(self, due: float, lag: float) -> None:
+        sample = self._sample if self._sample is not None and self._sample.due == due else None
+        # The block began at an unknown point of the interval before the late tick was due:
+        # adding half an interval keeps the error within +- interval/2 (lag alone under-reports).
+        seconds = lag + self.interval / 2
+        culprit = sample.culprit if sample and sample.culprit else UNKNOWN
+        details: dict[str, object] = {}
+        if self._starved(lag, details):
+            culprit = CPU_STARVED
+        if sample and sample.culprit is None:
+            details["idle"] = True  # sampled in its own machinery: the machine stalled, not code
+        label = self._label(culprit)
+        self.blocks[label] = self.blocks.get(label, 0) + 1
+        self.blocked_seconds += seconds
+        if sample and sample.route:
+            details["route"] = sample.route
+        if sample and sample.stack:
+            details["frames"] = " <- ".join(sample.stack)  # structlog reserves "stack"
+        logger.warning(
+            "event loop blocked", duration_s=round(seconds, 3), culprit=culprit, **details
+        )
+
+    def _label(self, culprit: str) -> str:
+        if culprit in self.blocks:
+            return culprit
+        if culprit in (UNKNOWN, CPU_STARVED) or self._named < self.max_culprits:
+            self._named += culprit not in (UNKNOWN, CPU_STARVED)
+            return culprit
+        return OTHER
+
+    # --- the registry source (read at collect time on the exporter's thread) ----------------
+    def alive(self) -> bool:
+        return not self.stopped
+
+    def points(self) -> Iterator[Point]:
+        yield Point(LOOP_LAG, {}, self.lag.value())
+        for culprit, count in list(self.blocks.items()):
+            yield Point(LOOP_BLOCKS, {"culprit": culprit}, count)
+        yield Point(LOOP_BLOCKED, {}, self.blocked_seconds)
+        yield Point(LOOP_TASKS, {}, self.tasks)
+
+
+# One watched loop per process: the metrics carry no loop label.
+_current: LoopWatch | None = None
+_current_lock = threading.Lock()
+
+
+def install(agent: Agent) -> list[Undo]:
+    """No class-level hooks (everything starts with the loop); uninstrument() stops the watcher."""
+    return [_stop_current]
+
+
+def _stop_current() -> None:
+    if (watcher := _current) is not None:
+        watcher.stop()
+
+
+def start(agent: Agent) -> Callable[[], None] | None:
+    """Watch the loop the agent starts in (the app's, at lifespan start-up)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # agent.start() called from sync code: there is no loop to watch
+        return None
+    return watch(agent, loop)
+
+
+def watch(agent: Agent, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Start watching ``loop`` (a loop watched already keeps its watcher); returns stop."""
+    global _current
+    settings = agent.settings or load_settings()
+    module = agent.app_module or ""
+    top = module.partition(".")[0]
+    # the caller's package is the app's; inside poolwatch (the demo) only the caller's module is
+    packages = frozenset({module if top == "poolwatch" else top} - {"", "__main__"})
+    with _current_lock:
+        previous = _current
+        if previous is not None and previous.loop is loop and not previous.stopped:
+            return previous.stop
+        watcher = _current = LoopWatch(loop, settings, packages, agent.registry)
+    if previous is not None:
+        previous.stop()
+    watcher.start()
+    return watcher.stop
+
+
+def watching() -> LoopWatch | None:
+    """The loop watcher of this process, if one runs."""
+    return _current
