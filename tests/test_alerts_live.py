@@ -265,11 +265,6 @@ def test_a_full_http_connector_fires_the_http_client_alerts(stack):
         assert f"127.0.0.1:{stack.upstream_port}" in alert["annotations"]["description"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs asyncio_event_loop_lag_seconds from the event-loop probe (issue 4), "
-    "not on main yet",
-)
 def test_a_blocked_loop_fires_event_loop_lag(stack):
     stack.wait_quiet()
     expected = {("EventLoopLagCritical", ""), ("EventLoopLagWarning", "")}
