@@ -183,10 +183,10 @@ class Agent:
                     from .exporters import otlp
                 except ImportError:
                     raise ConfigError(f"OTLP export is on: {otel_env.INSTALL}") from None
-                self._stops.append(otlp.start(self.registry.collect, settings))
+                self._stops.append(otlp.start(self.registry.collect))
             if otel_env.tracing_wanted(settings):
                 otel_env.check("TRACES")
-                _tracing_mode(settings).start(settings)
+                _tracing_mode(settings).start()
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
 
@@ -235,16 +235,23 @@ def instrument(app: Any = None, **options: Any) -> Any:
     if app is None:
         return None
     tracing = _tracing_mode(settings)
+    if tracing is not None:
+        from .probes import http_server
+
+        tracing.install(http_server.stats)
     if hasattr(app, "add_middleware") and hasattr(app, "user_middleware"):
         added = {m.cls for m in app.user_middleware}
-        if tracing is not None and tracing.MIDDLEWARE not in added:
-            app.add_middleware(tracing.MIDDLEWARE, **tracing.OPTIONS)  # inside poolwatch's
         if PoolwatchMiddleware not in added:
             app.add_middleware(PoolwatchMiddleware)
+        if tracing is not None and tracing.MIDDLEWARE not in added:
+            app.add_middleware(tracing.MIDDLEWARE, **tracing.OPTIONS)  # outside poolwatch's
         return app
-    if isinstance(app, PoolwatchMiddleware):
-        return app
-    return PoolwatchMiddleware(tracing.wrap(app) if tracing is not None else app)
+    if isinstance(app, PoolwatchMiddleware) or isinstance(
+        getattr(app, "app", None), PoolwatchMiddleware
+    ):
+        return app  # instrumented already (in tracing mode, inside OpenTelemetry's middleware)
+    app = PoolwatchMiddleware(app)
+    return tracing.wrap(app) if tracing is not None else app
 
 
 def _tracing_mode(settings: Settings) -> Any:

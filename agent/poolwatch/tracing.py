@@ -15,17 +15,43 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.metrics import NoOpMeterProvider
 
-from .config import ConfigError, Settings
+from .config import ConfigError
+from .probes.http_server import METHODS, OTHER, HttpServerStats
+
+
+def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The span starts before routing: named by the method only (never the raw path, a label of
+    unbounded cardinality); :func:`name_span` adds the route once it is known."""
+    method = scope.get("method", "HTTP")
+    return (method if method in METHODS else "HTTP"), {}
+
+
+def name_span(method: str, route: str) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.update_name(f"{'HTTP' if method == OTHER else method} {route}")
+        span.set_attribute("http.route", route)
+
 
 MIDDLEWARE = OpenTelemetryMiddleware
-OPTIONS: dict[str, Any] = {"meter_provider": NoOpMeterProvider()}
+OPTIONS: dict[str, Any] = {
+    "meter_provider": NoOpMeterProvider(),
+    "default_span_details": _span_details,
+    "exclude_spans": ["receive", "send"],  # one span per ASGI message: noise, and costly
+}
 
 
 def wrap(app: Any) -> Any:
+    """Outside poolwatch's middleware, whose response start names the span (still open then)."""
     return OpenTelemetryMiddleware(app, **OPTIONS)
 
 
-def start(settings: Settings) -> None:
+def install(stats: HttpServerStats | None) -> None:
+    if stats is not None:
+        stats.on_route = name_span
+
+
+def start() -> None:
     """Give the app an SDK tracer provider if it has none yet (an app or ``opentelemetry-
     instrument`` that configured its own keeps it). Exporters from ``OTEL_TRACES_EXPORTER``
     (``otlp``, the default, over HTTP; ``console``; ``none``); sampler from ``OTEL_TRACES_SAMPLER``.
@@ -44,7 +70,7 @@ def start(settings: Settings) -> None:
             f"OTEL_TRACES_EXPORTER={','.join(sorted(unknown))!r} is not supported by poolwatch's "
             "tracing mode: expected otlp, console or none (or configure your own TracerProvider)."
         )
-    provider = TracerProvider(resource=resource(settings))
+    provider = TracerProvider(resource=resource())
     if "otlp" in names:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -26,8 +26,6 @@ thread, one at a time (nothing queues), each bounded by ``OTEL_EXPORTER_OTLP_TIM
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,7 +51,6 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from .. import __version__
-from ..config import Settings
 from ..log import errors
 from ..metrics import BUCKETS, BUILD_INFO, COUNTER, GAUGE, HISTOGRAM, HistogramValue, Point
 from ..otel_env import export_timeout
@@ -163,20 +160,17 @@ class RegistryReader(PeriodicExportingMetricReader):
         super()._receive_metrics(metrics_data, timeout_millis, **kw)
 
 
-def resource(settings: Settings) -> Resource:
-    """``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` (via the SDK's detector), plus a
-    ``service.instance.id`` per worker process unless those set one: workers of one service must
-    not overwrite each other's series at the collector."""
-    instance = f"{socket.gethostname()}:{settings.worker or os.getpid()}"
-    return Resource({"service.instance.id": instance}).merge(Resource.create())
+def resource() -> Resource:
+    """``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` via the SDK's detectors, which also give
+    each process (each worker, also after a fork) its own ``service.instance.id``: workers of one
+    service do not overwrite each other's series at the collector."""
+    return Resource.create()
 
 
-def start(collect: Callable[[], Iterable[Point]], settings: Settings) -> Callable[[], None]:
+def start(collect: Callable[[], Iterable[Point]]) -> Callable[[], None]:
     """Start exporting; returns the stop function (sends a last export without blocking)."""
     reader = RegistryReader(collect, CountingExporter())
-    provider = MeterProvider(
-        metric_readers=[reader], resource=resource(settings), shutdown_on_exit=False
-    )
+    provider = MeterProvider(metric_readers=[reader], resource=resource(), shutdown_on_exit=False)
     # build_info as the one SDK instrument: the SDK passes an export to the reader only when
     # its own instruments produced data, and this one always has (and carries the resource).
     meter = provider.get_meter(SCOPE, __version__)

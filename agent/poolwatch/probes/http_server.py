@@ -49,6 +49,7 @@ class HttpServerStats:
         self._routes: dict[tuple[int, str], tuple[Any, str]] = {}  # (id(route), prefix) -> label
         self._labels: set[str] = set()
         self._lock = threading.Lock()
+        self.on_route: Any = None  # tracing mode: names the server span after the route
 
     # --- hot path ---------------------------------------------------------------------------
     async def serve(self, app: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -59,11 +60,14 @@ class HttpServerStats:
         active.append(None)
         root = scope.get("root_path", "")
         status = 0
+        on_route = self.on_route
 
         def send_status(message: dict[str, Any]) -> Any:  # returns send's awaitable: no frame
             if message["type"] == "http.response.start":
                 nonlocal status
                 status = message["status"]
+                if on_route is not None:  # routing is done, the response not sent yet
+                    self._tell_route(on_route, method, scope, root)
             return send(message)
 
         start = perf_counter()
@@ -76,23 +80,31 @@ class HttpServerStats:
             active.pop()
             if status:  # 0: cancelled before any response, there is nothing to time
                 try:
-                    self.record(scope, root, method, status, perf_counter() - start)
+                    label = self.route_label(scope, root)
+                    histogram = self.durations.get((method, label, status))
+                    if histogram is None:
+                        with self._lock:
+                            key = (method, label, status)
+                            histogram = self.durations.setdefault(key, Histogram())
+                    histogram.observe(perf_counter() - start)
                 except Exception as exc:
                     errors.record(PROBE, exc)
 
-    def record(self, scope: dict[str, Any], root: str, method: str, status: int, took: float):
+    def route_label(self, scope: dict[str, Any], root: str) -> str:
         route, after = scope.get("route"), scope.get("root_path", "")
         prefix = "" if after is root else after[len(root) :]  # a Mount's path
         if route is None and not prefix:
-            label = UNMATCHED
-        else:
-            hit = self._routes.get((id(route), prefix))
-            label = hit[1] if hit is not None else self._new_route(route, prefix)
-        histogram = self.durations.get((method, label, status))
-        if histogram is None:
-            with self._lock:
-                histogram = self.durations.setdefault((method, label, status), Histogram())
-        histogram.observe(took)
+            return UNMATCHED
+        hit = self._routes.get((id(route), prefix))
+        return hit[1] if hit is not None else self._new_route(route, prefix)
+
+    def _tell_route(self, on_route: Any, method: str, scope: dict[str, Any], root: str) -> None:
+        try:
+            label = self.route_label(scope, root)
+            if label.startswith("/"):
+                on_route(method, label)
+        except Exception as exc:
+            errors.record(PROBE, exc)
 
     # --- rare: first request of a route -----------------------------------------------------
     def _new_route(self, route: Any, prefix: str) -> str:
