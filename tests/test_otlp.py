@@ -206,7 +206,7 @@ async def test_a_failing_collector_costs_the_app_nothing_and_is_counted(app_serv
             assert slow.posts >= 1  # the exports did reach the slow collector
     median_base, median_failing = statistics.median(base), statistics.median(with_failures)
     assert median_failing < median_base * 1.5 + 0.002, (median_base, median_failing)
-    assert max(with_failures) < 0.5  # no request waited on an export
+    assert max(with_failures) < 1.5  # no request waited on an export (each takes 2 s)
     assert "Traceback" not in failing.log().split("poolwatch hook failed")[0]
 
 

@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..log import errors
-from ..metrics import HTTP_SERVER_ACTIVE, HTTP_SERVER_DURATION, Histogram, Point
+from ..metrics import FOLD_AT, HTTP_SERVER_ACTIVE, HTTP_SERVER_DURATION, Histogram, Point
 from ..patching import Undo
 
 if TYPE_CHECKING:
@@ -77,16 +77,16 @@ class HttpServerStats:
             status = status or 500  # what the server answers when the app raised before
             raise
         finally:
+            took = perf_counter() - start
             active.pop()
             if status:  # 0: cancelled before any response, there is nothing to time
                 try:
-                    label = self.route_label(scope, root)
-                    histogram = self.durations.get((method, label, status))
-                    if histogram is None:
-                        with self._lock:
-                            key = (method, label, status)
-                            histogram = self.durations.setdefault(key, Histogram())
-                    histogram.observe(perf_counter() - start)
+                    key = (method, self.route_label(scope, root), status)
+                    histogram = self.durations.get(key) or self._new_series(key)
+                    values = histogram.new  # Histogram.observe, inlined
+                    values.append(took)
+                    if len(values) >= FOLD_AT:
+                        histogram.fold()
                 except Exception as exc:
                     errors.record(PROBE, exc)
 
@@ -106,7 +106,11 @@ class HttpServerStats:
         except Exception as exc:
             errors.record(PROBE, exc)
 
-    # --- rare: first request of a route -----------------------------------------------------
+    # --- rare: first request of a series or a route -----------------------------------------
+    def _new_series(self, key: tuple[str, str, int]) -> Histogram:
+        with self._lock:
+            return self.durations.setdefault(key, Histogram())
+
     def _new_route(self, route: Any, prefix: str) -> str:
         if route is None:  # a mounted app that is no router (static files, WSGI...)
             template: Any = "/{path}"
