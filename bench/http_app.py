@@ -26,15 +26,10 @@ async def lifespan(app: FastAPI):
     await state["engine"].dispose()
 
 
-app = FastAPI(lifespan=lifespan)
-
-
-@app.get("/")
 async def trivial():
     return {"ok": True}
 
 
-@app.get("/query/{n}")
 async def one_query(n: int):
     async with state["engine"].connect() as conn:
         return {
@@ -62,26 +57,34 @@ def _sdk_providers() -> None:
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
 
-if VARIANT.startswith("poolwatch"):
-    from poolwatch import instrument
+def make_app(variant: str) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+    app.get("/")(trivial)
+    app.get("/query/{n}")(one_query)
+    if variant.startswith("poolwatch"):
+        from poolwatch import instrument
 
-    # every probe on (the defaults); "+otlp" also pushes every metric each second,
-    # "+tracing" adds OpenTelemetry's ASGI middleware with an SDK tracer exporting spans
-    instrument(app, otlp=VARIANT == "poolwatch+otlp", tracing=VARIANT == "poolwatch+tracing")
-elif VARIANT == "prometheus-fastapi-instrumentator":
-    from prometheus_fastapi_instrumentator import Instrumentator
+        # every probe on (the defaults); "+otlp" also pushes every metric each second,
+        # "+tracing" adds OpenTelemetry's ASGI middleware with an SDK tracer exporting spans
+        instrument(app, otlp=variant == "poolwatch+otlp", tracing=variant == "poolwatch+tracing")
+    elif variant == "prometheus-fastapi-instrumentator":
+        from prometheus_fastapi_instrumentator import Instrumentator
 
-    Instrumentator().instrument(app).expose(app)
-elif VARIANT == "starlette-exporter":
-    from starlette_exporter import PrometheusMiddleware, handle_metrics
+        Instrumentator().instrument(app).expose(app)
+    elif variant == "starlette-exporter":
+        from starlette_exporter import PrometheusMiddleware, handle_metrics
 
-    app.add_middleware(PrometheusMiddleware, group_paths=True)
-    app.add_route("/metrics", handle_metrics)
-elif VARIANT.startswith("otel-asgi"):
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        app.add_middleware(PrometheusMiddleware, group_paths=True)
+        app.add_route("/metrics", handle_metrics)
+    elif variant.startswith("otel-asgi"):
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    if VARIANT == "otel-asgi+sdk":
-        _sdk_providers()
-    app.add_middleware(OpenTelemetryMiddleware)
-elif VARIANT != "bare":
-    raise SystemExit(f"unknown BENCH_VARIANT={VARIANT!r}")
+        if variant == "otel-asgi+sdk":
+            _sdk_providers()
+        app.add_middleware(OpenTelemetryMiddleware)
+    elif variant != "bare":
+        raise SystemExit(f"unknown BENCH_VARIANT={variant!r}")
+    return app
+
+
+app = make_app(VARIANT)
