@@ -6,12 +6,15 @@ FastAPI + uvicorn (uvloop, httptools, no access log), one worker pinned to CPU 0
 ``wrk`` pinned to CPU 1 over loopback. Two routes: a trivial JSON route and a route doing one
 query through a SQLAlchemy async engine (asyncpg) on a real PostgreSQL. Every variant runs as its
 own server, all started up front; every round runs each variant once (wrk one at a time, in a
-new random order), and the medians of the per-round ratios to bare are reported.
+new random order). Reported: medians of req/s, of the per-round throughput ratio to bare, of the
+server's CPU time per request and of its per-round ratio to bare's; and, in process, the time
+each instrumentation adds to one request.
 
-Variants: bare; poolwatch (every probe on, /metrics listening); poolwatch + OTLP export every
-second to a loopback receiver; poolwatch in tracing mode (OpenTelemetry's ASGI middleware, SDK
-tracer exporting spans); prometheus-fastapi-instrumentator; starlette-exporter; OpenTelemetry's
-ASGI middleware with the no-op tracer/meter and with SDK providers.
+Variants: bare; a no-op ASGI middleware (the control); poolwatch (every probe on, /metrics
+listening); poolwatch + OTLP export every second to a loopback receiver; poolwatch in tracing
+mode (OpenTelemetry's ASGI middleware, SDK tracer exporting spans);
+prometheus-fastapi-instrumentator; starlette-exporter; OpenTelemetry's ASGI middleware with the
+no-op tracer/meter and with SDK providers.
 Targets (issue 5): poolwatch >= 0.95 of bare on the trivial route, >= 0.97 on the one-query route.
 """
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import os
 import random
 import re
@@ -27,6 +32,7 @@ import statistics
 import subprocess
 import threading
 import time
+from typing import NamedTuple
 
 from aiohttp import web
 from tests.support.apps import AppServer, start_app
@@ -37,6 +43,7 @@ from bench.common import interleave, report
 
 VARIANTS = [
     "bare",
+    "noop-middleware",  # control: one pure ASGI middleware doing nothing (noise shows here)
     "poolwatch",
     "poolwatch+otlp",
     "poolwatch+tracing",
@@ -83,46 +90,89 @@ def variant_env(variant: str, dsn: str, receiver: str) -> dict[str, str]:
     return env
 
 
-def wrk(url: str, seconds: int, connections: int) -> float:
-    """Requests per second of one wrk run (non-2xx answers make the run invalid)."""
+class Run(NamedTuple):
+    rps: float  # wrk's requests per second
+    cpu_us: float  # CPU time the server process spent per request, all threads
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far (``/proc/<pid>/task/*/schedstat``, ns)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError), open(path) as stat:  # a thread may just have ended
+            total += int(stat.read().split()[0])
+    return total
+
+
+def wrk(url: str, seconds: int, connections: int, pid: int) -> Run:
+    """One wrk run against the server ``pid`` (non-2xx answers make the run invalid)."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", str(LOAD_CPU), *cmd]
+    before = cpu_ns(pid)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
-    if found is None or "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
+    cpu = cpu_ns(pid) - before
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    requests = re.search(r"(\d+) requests in", done.stdout)
+    if rps is None or requests is None or "Non-2xx" in done.stdout or "Socket" in done.stdout:
         raise RuntimeError(f"wrk failed or saw errors on {url}:\n{done.stdout}{done.stderr}")
-    return float(found.group(1))
+    return Run(float(rps.group(1)), cpu / 1000 / int(requests.group(1)))
 
 
-def main(duration: int, rounds: int, connections: int, variants: list[str]) -> None:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is needed: apt-get install wrk")
-    variants = ["bare", *(v for v in variants if v != "bare")]
-    pg = start_postgres()
-    servers: dict[str, AppServer] = {}
-    try:
-        receiver = start_receiver()
-        dsn = pg.dsn("postgresql+asyncpg")
-        for variant in variants:
-            server = start_app(
-                "bench.http_app:app",
-                variant_env(variant, dsn, receiver),
-                server_args=["--loop", "uvloop", "--http", "httptools", "--no-access-log"],
-                metrics=variant.startswith("poolwatch"),
-            )
-            servers[variant] = server
-            os.sched_setaffinity(server.proc.pid, {SERVER_CPU})
-        results = {
-            route: measure(servers, path, duration, rounds, connections)
-            for route, path in ROUTES.items()
+def measure(
+    servers: dict[str, AppServer], path: str, duration: int, rounds: int, connections: int
+) -> dict[str, tuple[float, ...]]:
+    """variant -> medians of (req/s, its ratio to bare's in the same round, server CPU µs per
+    request, bare's CPU per request / its own in the same round).
+
+    Not ``bench.common.interleave``: on a shared machine the drift between rounds is larger than
+    the effect measured, so each run is compared with the bare run of the same round (variants
+    in a new random order every round). The server's CPU time per request is the steadier
+    figure: with a core of its own the server's throughput is 1 / that time, so bare's time /
+    the variant's is the throughput ratio without other processes' interference.
+    """
+    for server in servers.values():  # warm-up: connections open, code paths hot
+        wrk(server.url + path, 1, connections, server.proc.pid)
+    rows: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in servers}
+    for _ in range(rounds):
+        order = random.sample(list(servers), len(servers))
+        runs = {
+            v: wrk(servers[v].url + path, duration, connections, servers[v].proc.pid) for v in order
         }
-        print_report(results, variants, duration, rounds, connections)
-    finally:
-        for server in servers.values():
-            server.stop()
-        remove(pg)
-    asyncio.run(in_process(rounds))
+        bare = runs["bare"]
+        for variant, run in runs.items():
+            rows[variant].append(
+                (run.rps, run.rps / bare.rps, run.cpu_us, bare.cpu_us / run.cpu_us)
+            )
+    return {
+        variant: tuple(statistics.median(column) for column in zip(*row, strict=True))
+        for variant, row in rows.items()
+    }
+
+
+def print_report(results, variants, duration: int, rounds: int, connections: int) -> None:
+    print(
+        f"\nFastAPI + uvicorn (uvloop, httptools), wrk -t1 -c{connections} -d{duration}s, "
+        f"{rounds} rounds in random order, medians; server on CPU {SERVER_CPU}, wrk on CPU "
+        f"{LOAD_CPU}.\nratio: throughput / bare's in the same round; cpu ratio: bare's server "
+        "CPU time per request / the variant's (the throughput ratio on a core of its own)."
+    )
+    for route, by_variant in results.items():
+        title = f"{route} route"
+        print(f"\n{title:<36}{'req/s':>8}{'ratio':>8}{'CPU µs/req':>12}{'cpu ratio':>11}")
+        for variant in variants:
+            rps, ratio, cpu_us, cpu_ratio = by_variant[variant]
+            print(f"{variant:<36}{rps:>8.0f}{ratio:>8.3f}{cpu_us:>12.1f}{cpu_ratio:>11.3f}")
+    if "poolwatch" in variants:
+        print()
+        for route, by_variant in results.items():
+            _, ratio, _, cpu_ratio = by_variant["poolwatch"]
+            target = TARGETS[route]
+            verdicts = ["meets" if r >= target else "MISSES" for r in (ratio, cpu_ratio)]
+            print(
+                f"{route}: poolwatch throughput {ratio:.3f} of bare ({verdicts[0]}), "
+                f"CPU-time ratio {cpu_ratio:.3f} ({verdicts[1]}); target >= {target}"
+            )
 
 
 async def in_process(rounds: int, requests: int = 3000) -> None:
@@ -155,52 +205,40 @@ async def in_process(rounds: int, requests: int = 3000) -> None:
 
     for app in apps.values():
         await timed(app)()  # warm up
-    medians = await interleave({n: (lambda: None, timed(a)) for n, a in apps.items()}, rounds * 3)
-    report(
-        "In process, trivial route, time per request (ratio = time, not throughput)",
-        medians,
-        "bare",
-    )
+    short = {"prometheus-fastapi-instrumentator": "prom-fastapi-instrumentator"}  # column width
+    variants = {short.get(n, n): (lambda: None, timed(a)) for n, a in apps.items()}
+    medians = await interleave(variants, rounds * 3)
+    report("In process, trivial route, time per request (ratio of times)", medians, "bare")
 
 
-def measure(
-    servers: dict[str, AppServer], path: str, duration: int, rounds: int, connections: int
-) -> dict[str, tuple[float, float]]:
-    """variant -> (median req/s, median of its per-round ratio to bare).
-
-    Not ``bench.common.interleave``: on a shared machine the drift between rounds is larger than
-    the effect measured, so each round's runs are compared with the bare run of the same round
-    (variants in a new random order every round), and the median of those ratios is reported.
-    """
-    for server in servers.values():  # warm-up: connections open, code paths hot
-        wrk(server.url + path, 1, connections)
-    rps: dict[str, list[float]] = {v: [] for v in servers}
-    ratios: dict[str, list[float]] = {v: [] for v in servers}
-    for _ in range(rounds):
-        order = random.sample(list(servers), len(servers))
-        this_round = {v: wrk(servers[v].url + path, duration, connections) for v in order}
-        for variant, value in this_round.items():
-            rps[variant].append(value)
-            ratios[variant].append(value / this_round["bare"])
-    return {v: (statistics.median(rps[v]), statistics.median(ratios[v])) for v in servers}
-
-
-def print_report(results, variants, duration: int, rounds: int, connections: int) -> None:
-    print(
-        f"\nFastAPI + uvicorn (uvloop, httptools), wrk -t1 -c{connections} -d{duration}s, "
-        f"{rounds} rounds in random order; median req/s and median per-round ratio to bare; "
-        f"server on CPU {SERVER_CPU}, wrk on CPU {LOAD_CPU}"
-    )
-    header = "".join(f"{name + ' req/s':>18}{'ratio':>8}" for name in results)
-    print(f"{'variant':<36}{header}")
-    for variant in variants:
-        row = "".join(f"{r[variant][0]:>18.0f}{r[variant][1]:>8.3f}" for r in results.values())
-        print(f"{variant:<36}{row}")
-    if "poolwatch" in variants:
-        for route, by_variant in results.items():
-            ratio = by_variant["poolwatch"][1]
-            verdict = "meets" if ratio >= TARGETS[route] else "MISSES"
-            print(f"{route}: poolwatch {ratio:.3f} of bare; target >= {TARGETS[route]}: {verdict}")
+def main(duration: int, rounds: int, connections: int, variants: list[str]) -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    variants = ["bare", *(v for v in variants if v != "bare")]
+    pg = start_postgres()
+    servers: dict[str, AppServer] = {}
+    try:
+        receiver = start_receiver()
+        dsn = pg.dsn("postgresql+asyncpg")
+        for variant in variants:
+            server = start_app(
+                "bench.http_app:app",
+                variant_env(variant, dsn, receiver),
+                server_args=["--loop", "uvloop", "--http", "httptools", "--no-access-log"],
+                metrics=variant.startswith("poolwatch"),
+            )
+            servers[variant] = server
+            os.sched_setaffinity(server.proc.pid, {SERVER_CPU})
+        results = {
+            route: measure(servers, path, duration, rounds, connections)
+            for route, path in ROUTES.items()
+        }
+        print_report(results, variants, duration, rounds, connections)
+    finally:
+        for server in servers.values():
+            server.stop()
+        remove(pg)
+    asyncio.run(in_process(rounds))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,16 @@ def make_app(variant: str) -> FastAPI:
         if variant == "otel-asgi+sdk":
             _sdk_providers()
         app.add_middleware(OpenTelemetryMiddleware)
+    elif variant == "noop-middleware":  # control: the price of any pure ASGI middleware
+
+        class Noop:
+            def __init__(self, app):
+                self.app = app
+
+            async def __call__(self, scope, receive, send):
+                await self.app(scope, receive, send)
+
+        app.add_middleware(Noop)
     elif variant != "bare":
         raise SystemExit(f"unknown BENCH_VARIANT={variant!r}")
     return app

@@ -60,16 +60,15 @@ class HttpServerStats:
         active.append(None)
         root = scope.get("root_path", "")
         status = 0
-        on_route = self.on_route
 
         def send_status(message: dict[str, Any]) -> Any:  # returns send's awaitable: no frame
             if message["type"] == "http.response.start":
                 nonlocal status
                 status = message["status"]
-                if on_route is not None:  # routing is done, the response not sent yet
-                    self._tell_route(on_route, method, scope, root)
             return send(message)
 
+        if self.on_route is not None:  # tracing mode (its own closure: fewer cells here)
+            send_status = self._naming(send_status, method, scope, root)
         start = perf_counter()
         try:
             await app(scope, receive, send_status)
@@ -98,13 +97,22 @@ class HttpServerStats:
         hit = self._routes.get((id(route), prefix))
         return hit[1] if hit is not None else self._new_route(route, prefix)
 
-    def _tell_route(self, on_route: Any, method: str, scope: dict[str, Any], root: str) -> None:
-        try:
-            label = self.route_label(scope, root)
-            if label.startswith("/"):
-                on_route(method, label)
-        except Exception as exc:
-            errors.record(PROBE, exc)
+    def _naming(self, send: Any, method: str, scope: dict[str, Any], root: str) -> Any:
+        """``send`` that names the server span after the route when the response starts:
+        routing is done by then, and the span is still open."""
+        on_route = self.on_route
+
+        def send_naming(message: dict[str, Any]) -> Any:
+            if message["type"] == "http.response.start":
+                try:
+                    label = self.route_label(scope, root)
+                    if label.startswith("/"):
+                        on_route(method, label)
+                except Exception as exc:
+                    errors.record(PROBE, exc)
+            return send(message)
+
+        return send_naming
 
     # --- rare: first request of a series or a route -----------------------------------------
     def _new_series(self, key: tuple[str, str, int]) -> Histogram:
