@@ -24,19 +24,22 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import http.client
 import os
 import random
 import re
 import shutil
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from typing import NamedTuple
 
 from aiohttp import web
-from tests.support.apps import AppServer, start_app
-from tests.support.net import free_port
+from tests.support.apps import REPO, AppServer, start_app
+from tests.support.net import free_port, wait_for_port
 from tests.support.postgres import remove, start_postgres
 
 from bench.common import interleave, report
@@ -175,6 +178,67 @@ def print_report(results, variants, duration: int, rounds: int, connections: int
             )
 
 
+def instructions(variant: str, dsn: str, receiver: str, requests: int) -> dict[str, float]:
+    """route -> CPU instructions the server executes per request, counted by valgrind's
+    callgrind: exact and blind to other processes, unlike time on a shared machine. One server
+    (sequential keep-alive requests), counting only while each route's requests run."""
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="poolwatch-callgrind-")
+    out = os.path.join(workdir, "callgrind.out")
+    env = {**os.environ, **variant_env(variant, dsn, receiver), "POOLWATCH_METRICS_PORT": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "agent")])
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    cmd += [sys.executable, "-m", "uvicorn", "bench.http_app:app", "--port", str(port)]
+    cmd += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
+
+    counts = {}
+    try:
+        wait_for_port(port, timeout=600, proc=proc)
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+        def get(path: str, n: int) -> None:
+            for _ in range(n):
+                client.request("GET", path)
+                response = client.getresponse()
+                response.read()
+                assert response.status == 200, f"{variant} {path}: {response.status}"
+
+        for route, path in ROUTES.items():
+            get(path, 300)  # warm: connections open, caches filled
+            control("-z")
+            control("-i", "on")
+            get(path, requests)
+            control("-i", "off")
+            control("-d")
+            dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
+            with open(dumps[-1]) as dump:
+                totals = [line for line in dump if line.startswith(("summary:", "totals:"))]
+            counts[route] = int(totals[-1].split()[1]) / requests
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return counts
+
+
+def print_instructions(per_request: dict[str, dict[str, float]], requests: int) -> None:
+    print(
+        f"\nCPU instructions the server executes per request (valgrind callgrind, {requests} "
+        "sequential requests per route); ratio: bare's / the variant's"
+    )
+    header = "".join(f"{route + ' instr/req':>22}{'ratio':>8}" for route in ROUTES)
+    print(f"{'variant':<36}{header}")
+    bare = per_request["bare"]
+    for variant, counts in per_request.items():
+        row = "".join(f"{counts[r]:>22,.0f}{bare[r] / counts[r]:>8.3f}" for r in ROUTES)
+        print(f"{variant:<36}{row}")
+
+
 async def in_process(rounds: int, requests: int = 3000) -> None:
     """Microseconds each instrumentation adds to one request of the trivial route, measured in
     one process without sockets or load generator: far less noisy than throughput on a shared
@@ -211,7 +275,9 @@ async def in_process(rounds: int, requests: int = 3000) -> None:
     report("In process, trivial route, time per request (ratio of times)", medians, "bare")
 
 
-def main(duration: int, rounds: int, connections: int, variants: list[str]) -> None:
+def main(
+    duration: int, rounds: int, connections: int, variants: list[str], count: int | None
+) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     variants = ["bare", *(v for v in variants if v != "bare")]
@@ -234,6 +300,11 @@ def main(duration: int, rounds: int, connections: int, variants: list[str]) -> N
             for route, path in ROUTES.items()
         }
         print_report(results, variants, duration, rounds, connections)
+        if count:
+            for server in servers.values():  # valgrind wants the CPU to itself
+                server.stop()
+            per_request = {v: instructions(v, dsn, receiver, count) for v in variants}
+            print_instructions(per_request, count)
     finally:
         for server in servers.values():
             server.stop()
@@ -247,5 +318,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="also count CPU instructions per request over N requests under valgrind "
+        "(apt-get install valgrind; about a minute per variant)",
+    )
     args = parser.parse_args()
-    main(args.duration, args.rounds, args.connections, args.variants.split(","))
+    main(args.duration, args.rounds, args.connections, args.variants.split(","), args.instructions)
