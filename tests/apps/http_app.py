@@ -1,17 +1,42 @@
 """``pool_app`` plus templated routes, for the HTTP server metric and OTLP tests.
 
-Same environment as ``pool_app`` (``SA_URL``, ``ASYNCPG_DSN``, ...); poolwatch settings come from
+Same environment as ``pool_app`` (``SA_URL``, ``ASYNCPG_DSN``, ...), plus ``UPSTREAM_URL``: an
+aiohttp session made in the lifespan calls it on ``/upstream``. poolwatch settings come from
 ``POOLWATCH_*``/``OTEL_*`` variables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 
+import aiohttp
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from tests.apps.pool_app import app, state
+
+pool_app_lifespan = app.router.lifespan_context
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    async with pool_app_lifespan(app):
+        if os.environ.get("UPSTREAM_URL"):
+            state["session"] = aiohttp.ClientSession()
+        yield
+        if "session" in state:
+            await state["session"].close()
+
+
+app.router.lifespan_context = lifespan
+
+
+@app.get("/upstream")
+async def upstream():
+    async with state["session"].get(os.environ["UPSTREAM_URL"] + "/slow?delay=0.01") as response:
+        return {"upstream": response.status}
 
 
 @app.get("/users/{user_id}")
