@@ -254,7 +254,6 @@ RATE_INTERVAL = "10s"  # Grafana's $__rate_interval for a 1 s scrape interval, w
 # until those land. (Remove an entry when its probe merges.)
 AWAITING_PROBES = {
     "asyncio_": "issue 4 (event-loop probe)",
-    "http_server_": "issue 5 (HTTP server metrics)",
 }
 
 
@@ -479,11 +478,6 @@ def test_panels_on_merged_probes_return_data(live):
         pytest.fail(f"{len(broken)} of {live.checked} queries:\n" + "\n".join(map(str, broken)))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="probes not on main yet: HTTP server "
-    "(issue 5); the failure message lists each panel without data and its missing metric",
-)
 def test_every_panel_query_returns_data(live):
     if live.failures:
         lines = "\n".join(map(str, live.failures))

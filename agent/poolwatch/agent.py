@@ -30,6 +30,7 @@ PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "leaks": (None, "poolwatch.leaks"),  # checker thread of POOLWATCH_LEAK_THRESHOLD
     "aiohttp": ("aiohttp", "poolwatch.probes.aiohttp"),
     "loop": (None, "poolwatch.probes.loop"),
+    "http_server": (None, "poolwatch.probes.http_server"),
 }
 
 
@@ -104,6 +105,7 @@ class Agent:
                 self._start_multiproc(settings)  # `poolwatch exporter` serves this worker
             else:
                 self._start_prometheus(settings)
+            self._start_otel(settings)
             for name, module in list(self._probes.items()):
                 if module is not None and hasattr(module, "start"):
                     try:
@@ -170,6 +172,24 @@ class Agent:
         self._stops.append(publisher.stop)
         logger.info("poolwatch publishes for `poolwatch exporter`", path=publisher.path)
 
+    def _start_otel(self, settings: Settings) -> None:
+        """OTLP metrics export and tracing mode's tracer provider, when asked for (otel_env)."""
+        from . import otel_env
+
+        try:
+            if otel_env.otlp_wanted(settings):
+                otel_env.check("METRICS")
+                try:
+                    from .exporters import otlp
+                except ImportError:
+                    raise ConfigError(f"OTLP export is on: {otel_env.INSTALL}") from None
+                self._stops.append(otlp.start(self.registry.collect))
+            if otel_env.tracing_wanted(settings):
+                otel_env.check("TRACES")
+                _tracing_mode(settings).start()
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+
     def stop(self) -> None:
         with self._lock:
             stops, self._stops = self._stops, []
@@ -209,18 +229,44 @@ def instrument(app: Any = None, **options: Any) -> Any:
     """
     from .asgi import PoolwatchMiddleware
 
-    agent.configure(options)
+    settings = agent.configure(options)
     agent.app_module = agent.app_module or _caller_module()
     agent.discover()
     if app is None:
         return None
+    tracing = _tracing_mode(settings)
+    if tracing is not None:
+        from .probes import http_server
+
+        tracing.install(http_server.stats)
     if hasattr(app, "add_middleware") and hasattr(app, "user_middleware"):
-        if not any(m.cls is PoolwatchMiddleware for m in app.user_middleware):
+        added = {m.cls for m in app.user_middleware}
+        if PoolwatchMiddleware not in added:
             app.add_middleware(PoolwatchMiddleware)
+        if tracing is not None and tracing.MIDDLEWARE not in added:
+            app.add_middleware(tracing.MIDDLEWARE, **tracing.OPTIONS)  # outside poolwatch's
         return app
-    if isinstance(app, PoolwatchMiddleware):
-        return app
-    return PoolwatchMiddleware(app)
+    if isinstance(app, PoolwatchMiddleware) or isinstance(
+        getattr(app, "app", None), PoolwatchMiddleware
+    ):
+        return app  # instrumented already (in tracing mode, inside OpenTelemetry's middleware)
+    app = PoolwatchMiddleware(app)
+    return tracing.wrap(app) if tracing is not None else app
+
+
+def _tracing_mode(settings: Settings) -> Any:
+    """The tracing module when tracing mode is on (clear error if its extra is missing)."""
+    from .otel_env import INSTALL, tracing_wanted
+
+    if not tracing_wanted(settings):
+        return None
+    try:
+        from . import tracing
+    except ImportError:
+        raise ConfigError(
+            f"tracing is on (POOLWATCH_TRACING/OTEL_TRACES_EXPORTER): {INSTALL}"
+        ) from None
+    return tracing
 
 
 def uninstrument() -> None:

@@ -1,4 +1,4 @@
-"""ASGI middleware: starts and stops the agent with the app's lifespan."""
+"""ASGI middleware: starts and stops the agent with the app's lifespan; records HTTP metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from .agent import StartupError, agent
 from .context import request_scope
 from .log import errors
+from .probes import http_server
 
 Scope = dict[str, Any]
 
@@ -27,7 +28,10 @@ class PoolwatchMiddleware:
                 errors.record("exporter", exc)
         token = request_scope.set(scope)  # for log hints: which route holds a connection
         try:
-            await self.app(scope, receive, send)
+            if scope["type"] == "http" and (stats := http_server.stats) is not None:
+                await stats.serve(self.app, scope, receive, send)  # HTTP server metrics
+            else:
+                await self.app(scope, receive, send)
         finally:
             request_scope.reset(token)
 

@@ -1,0 +1,80 @@
+"""Tracing mode: OpenTelemetry's ASGI middleware for traces; poolwatch keeps the HTTP metrics.
+
+``opentelemetry-instrumentation-asgi`` makes the server spans (and propagates context). Its own
+HTTP metrics are sent to a no-op meter: poolwatch records ``http.server.*`` itself, so the series
+keep their names and labels in either mode, never appear twice (at a collector that also gets
+the app's global MeterProvider), and the SDK ``Histogram.record`` stays off the request path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.metrics import NoOpMeterProvider
+
+from .config import ConfigError
+from .probes.http_server import METHODS, OTHER, HttpServerStats
+
+
+def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The span starts before routing: named by the method only (never the raw path, a label of
+    unbounded cardinality); :func:`name_span` adds the route once it is known."""
+    method = scope.get("method", "HTTP")
+    return (method if method in METHODS else "HTTP"), {}
+
+
+def name_span(method: str, route: str) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.update_name(f"{'HTTP' if method == OTHER else method} {route}")
+        span.set_attribute("http.route", route)
+
+
+MIDDLEWARE = OpenTelemetryMiddleware
+OPTIONS: dict[str, Any] = {
+    "meter_provider": NoOpMeterProvider(),
+    "default_span_details": _span_details,
+    "exclude_spans": ["receive", "send"],  # one span per ASGI message: noise, and costly
+}
+
+
+def wrap(app: Any) -> Any:
+    """Outside poolwatch's middleware, whose response start names the span (still open then)."""
+    return OpenTelemetryMiddleware(app, **OPTIONS)
+
+
+def install(stats: HttpServerStats | None) -> None:
+    if stats is not None:
+        stats.on_route = name_span
+
+
+def start() -> None:
+    """Give the app an SDK tracer provider if it has none yet (an app or ``opentelemetry-
+    instrument`` that configured its own keeps it). Exporters from ``OTEL_TRACES_EXPORTER``
+    (``otlp``, the default, over HTTP; ``console``; ``none``); sampler from ``OTEL_TRACES_SAMPLER``.
+    Set once per process; the SDK flushes it at exit."""
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    from .exporters.otlp import resource
+
+    names = {n.strip().lower() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
+    unknown = names - {"otlp", "console", "none", ""}
+    if unknown:
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER={','.join(sorted(unknown))!r} is not supported by poolwatch's "
+            "tracing mode: expected otlp, console or none (or configure your own TracerProvider)."
+        )
+    provider = TracerProvider(resource=resource())
+    if "otlp" in names:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if "console" in names:
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
