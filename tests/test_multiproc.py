@@ -280,7 +280,7 @@ time.sleep(30)
         proc.kill()
         proc.wait(timeout=5)
         assert os.path.exists(f"/proc/{child_pid}")  # the forked child still runs
-        assert list(live_files(str(tmp_path))) == []
+        wait_for(lambda: list(live_files(str(tmp_path))) == [], timeout=5)
     finally:
         proc.kill()
         if child_pid is not None:
