@@ -274,33 +274,27 @@ def uninstrument() -> None:
     agent.uninstrument()
 
 
+def _watch(probe_name: str, caller: str, obj: Any, name: str | None) -> Any:
+    probe = agent.probe(probe_name)
+    if probe is None:
+        raise RuntimeError(f"{caller}() needs {probe_name}: pip install 'poolwatch[{probe_name}]'")
+    probe.watch(agent, obj, name)
+    return obj
+
+
 def watch_engine(engine: Any, name: str | None = None) -> Any:
     """Measure one SQLAlchemy ``Engine``/``AsyncEngine`` (``name`` overrides the default)."""
-    probe = agent.probe("sqlalchemy")
-    if probe is None:
-        raise RuntimeError("watch_engine() needs SQLAlchemy: pip install 'poolwatch[sqlalchemy]'")
-    probe.watch(agent, engine, name)
-    return engine
+    return _watch("sqlalchemy", "watch_engine", engine, name)
 
 
 def watch_asyncpg_pool(pool: Any, name: str | None = None) -> Any:
     """Measure one ``asyncpg`` pool (``name`` overrides the default)."""
-    probe = agent.probe("asyncpg")
-    if probe is None:
-        raise RuntimeError("watch_asyncpg_pool() needs asyncpg: pip install 'poolwatch[asyncpg]'")
-    probe.watch(agent, pool, name)
-    return pool
+    return _watch("asyncpg", "watch_asyncpg_pool", pool, name)
 
 
 def watch_aiohttp_session(session: Any, name: str | None = None) -> Any:
     """Measure one ``aiohttp.ClientSession`` (``name`` groups its series under that name)."""
-    probe = agent.probe("aiohttp")
-    if probe is None:
-        raise RuntimeError(
-            "watch_aiohttp_session() needs aiohttp: pip install 'poolwatch[aiohttp]'"
-        )
-    probe.watch(agent, session, name)
-    return session
+    return _watch("aiohttp", "watch_aiohttp_session", session, name)
 
 
 def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> Callable[[], None]:

@@ -10,6 +10,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from .log import errors
+
 Undo = Callable[[], None]
 
 _MARK = "__poolwatch_original__"
@@ -36,6 +38,25 @@ def wrap_method(
                 delattr(cls, name)
 
     return undo
+
+
+def watch_new_instances(agent: Any, probe: str, watch: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``make`` for ``wrap_method(cls, "__init__", make)``: every instance built while the agent
+    is discovering is handed to ``watch(agent, instance)``; a failure there is counted, never
+    raised into the constructor's caller."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            if agent.discovering:
+                try:
+                    watch(agent, self)
+                except Exception as exc:
+                    errors.record(probe, exc)
+
+        return __init__
+
+    return make
 
 
 def is_wrapped(func: Any) -> bool:

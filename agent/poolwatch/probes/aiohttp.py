@@ -43,7 +43,7 @@ from ..metrics import (
     Histogram,
     Point,
 )
-from ..patching import Undo, subclasses, wrap_method
+from ..patching import Undo, subclasses, watch_new_instances, wrap_method
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -242,24 +242,12 @@ def _make_connection_lost(original: Any) -> Any:
     return connection_lost
 
 
-def _make_init(original: Any, agent: Agent) -> Any:
-    def __init__(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if agent.discovering:
-            try:
-                watch(agent, self)
-            except Exception as exc:
-                errors.record(PROBE, exc)
-
-    return __init__
-
-
 def install(agent: Agent) -> list[Undo]:
     global _trace, _agent
     _reset()
     _trace, _agent = _make_trace_config(), agent
     undos = [
-        wrap_method(aiohttp.ClientSession, "__init__", lambda orig: _make_init(orig, agent)),
+        wrap_method(aiohttp.ClientSession, "__init__", watch_new_instances(agent, PROBE, watch)),
         wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
     ]
     for cls in subclasses(BaseConnector):

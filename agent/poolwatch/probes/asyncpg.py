@@ -16,7 +16,7 @@ from asyncpg.pool import Pool
 
 from ..leaks import enabled as leak_detection
 from ..log import errors
-from ..patching import Undo, wrap_method
+from ..patching import Undo, watch_new_instances, wrap_method
 from ..poolstats import PoolGauges, PoolStats, default_pool_name
 
 if TYPE_CHECKING:
@@ -110,21 +110,9 @@ def _make_terminate(original: Any) -> Any:
     return terminate
 
 
-def _make_init(original: Any, agent: Agent) -> Any:
-    def __init__(self: Pool, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if agent.discovering:
-            try:
-                watch(agent, self)
-            except Exception as exc:
-                errors.record(PROBE, exc)
-
-    return __init__
-
-
 def install(agent: Agent) -> list[Undo]:
     undos = [
-        wrap_method(Pool, "__init__", lambda orig: _make_init(orig, agent)),
+        wrap_method(Pool, "__init__", watch_new_instances(agent, PROBE, watch)),
         wrap_method(Pool, "_acquire", _make_acquire),
         wrap_method(Pool, "release", _make_release),
         wrap_method(Pool, "close", _make_close),

@@ -23,7 +23,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from ..leaks import enabled as leak_detection
 from ..log import errors
 from ..metrics import FOLD_AT
-from ..patching import Undo, subclasses, wrap_method
+from ..patching import Undo, subclasses, watch_new_instances, wrap_method
 from ..poolstats import PoolGauges, PoolStats, default_pool_name
 
 if TYPE_CHECKING:
@@ -97,18 +97,6 @@ def _make_recreate(original: Any) -> Any:
     return recreate
 
 
-def _make_engine_init(original: Any, agent: Agent) -> Any:
-    def __init__(self: Engine, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if agent.discovering:
-            try:
-                watch(agent, self)
-            except Exception as exc:
-                errors.record(PROBE, exc)
-
-    return __init__
-
-
 def install(agent: Agent) -> list[Undo]:
     """Class-level hooks; engines that exist already are watched at once."""
     Pool._poolwatch_stats = None  # type: ignore[attr-defined]
@@ -120,7 +108,7 @@ def install(agent: Agent) -> list[Undo]:
             undos.append(wrap_method(cls, "recreate", _make_recreate))
         if "_return_conn" in vars(cls):
             undos.append(wrap_method(cls, "_return_conn", _make_return_conn))
-    undos.append(wrap_method(Engine, "__init__", lambda orig: _make_engine_init(orig, agent)))
+    undos.append(wrap_method(Engine, "__init__", watch_new_instances(agent, PROBE, watch)))
     return undos
 
 
