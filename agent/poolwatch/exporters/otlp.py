@@ -155,7 +155,7 @@ class RegistryReader(PeriodicExportingMetricReader):
                 for rm in metrics_data.resource_metrics
             ]
             metrics_data = MetricsData(resource_metrics)
-        except Exception as exc:  # still send what the SDK has: build_info, and the error count
+        except Exception as exc:  # still send what the SDK has (build_info); counted here
             errors.record(PROBE, exc)
         super()._receive_metrics(metrics_data, timeout_millis, **kw)
 
