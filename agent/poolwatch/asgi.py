@@ -26,14 +26,18 @@ class PoolwatchMiddleware:
             except StartupError as exc:  # never fail a request for the observer's sake
                 agent.started = True
                 errors.record("exporter", exc)
-        token = request_scope.set(scope)  # for log hints: which route holds a connection
+        # Leak reports are the only reader of the request scope: no context switch per request
+        # unless leak detection is on.
+        settings = agent.settings
+        token = request_scope.set(scope) if settings and settings.leak_threshold else None
         try:
             if scope["type"] == "http" and (stats := http_server.stats) is not None:
                 await stats.serve(self.app, scope, receive, send)  # HTTP server metrics
             else:
                 await self.app(scope, receive, send)
         finally:
-            request_scope.reset(token)
+            if token is not None:
+                request_scope.reset(token)
 
     @staticmethod
     def _lifespan_send(send: Any) -> Any:

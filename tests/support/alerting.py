@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -21,6 +20,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from .apps import stop_process
 from .net import free_port, get, wait_for_port
 
 
@@ -58,13 +58,7 @@ class Server:
         return json.loads(get(f"{self.url}{path}{query}"))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

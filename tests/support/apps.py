@@ -14,6 +14,18 @@ from .net import free_port, scrape, wait_for_port
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    """Ask ``proc`` to stop with ``sig``; kill it after 10 s. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
 @dataclass
 class AppServer:
     proc: subprocess.Popen
@@ -38,13 +50,7 @@ class AppServer:
             return f.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, signal.SIGINT)
 
 
 def start_app(

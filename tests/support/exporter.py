@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .apps import REPO, AppServer
+from .apps import REPO, AppServer, stop_process
 from .net import free_port, scrape, wait_for_port
 
 PYTHONPATH = os.pathsep.join([REPO, os.path.join(REPO, "agent")])
@@ -34,14 +34,7 @@ class Exporter:
             return f.read()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def _log_file(prefix: str) -> str:
