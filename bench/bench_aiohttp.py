@@ -7,7 +7,7 @@ interleaved rounds (medians) in three variants:
 - bare: no TraceConfig;
 - empty TraceConfig: aiohttp's own tracing machinery with no receiver, the floor of any
   TraceConfig-based design (aiohttp builds a Trace and sends ~6 signals per request);
-- poolwatch: ``instrument()`` finds the sessions and appends its TraceConfig
+- poolwatch: ``instrument()`` finds the sessions and wraps the connector methods it times
   (``uninstrument()`` takes it out).
 Workloads: "sequential", one request at a time over a kept-alive connection (the issue's
 target: poolwatch adds <= 3 % of the bare request time); "queued", 8 concurrent requests

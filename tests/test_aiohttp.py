@@ -268,6 +268,7 @@ async def test_named_sessions_get_their_own_series(agent, upstreams):
 
 async def test_sessions_made_before_instrument_are_found_and_everything_undone(upstreams):
     from aiohttp.client_proto import ResponseHandler
+    from aiohttp.connector import BaseConnector
 
     import poolwatch
     from poolwatch.agent import agent
@@ -276,6 +277,8 @@ async def test_sessions_made_before_instrument_are_found_and_everything_undone(u
         (cls, name): vars(cls).get(name)
         for cls, name in (
             (aiohttp.ClientSession, "__init__"),
+            (aiohttp.ClientSession, "_request"),
+            (BaseConnector, "_wait_for_available_connection"),
             (ResponseHandler, "connection_lost"),
             (aiohttp.TCPConnector, "_create_connection"),
             (aiohttp.UnixConnector, "_create_connection"),
@@ -293,7 +296,7 @@ async def test_sessions_made_before_instrument_are_found_and_everything_undone(u
         samples = await asyncio.to_thread(metrics, agent)
         assert samples.value(f"{WAIT}_count", **host(upstream.port)) == 1
         assert samples.value(OPEN, **conns("idle", upstream.port)) == 1
-        assert len(session.trace_configs) == 2 and user_traces == [user_traces[0]]
+        assert session.trace_configs == user_traces  # the user's tracing is left alone
     finally:
         poolwatch.uninstrument()
     assert session.trace_configs == user_traces
@@ -352,3 +355,30 @@ async def test_hook_failures_reach_neither_the_request_nor_the_log(
     assert "HookBug" in out.out + out.err  # logged (once), with its traceback...
     for text in SECRETS[:3]:
         assert text not in out.out + out.err  # ...but not the frames' local variables
+
+
+async def test_an_aiohttp_without_the_wait_method_loses_only_the_wait_series(
+    upstreams, monkeypatch
+):
+    from aiohttp.connector import BaseConnector
+
+    import poolwatch
+    from poolwatch.agent import agent
+    from poolwatch.log import errors
+
+    # aiohttp < 3.10.11 waits for a connection inline in connect(): nothing to wrap. (This
+    # aiohttp needs the method only when a request queues, which none does here.)
+    monkeypatch.delattr(BaseConnector, "_wait_for_available_connection")
+    upstream = upstreams(0.0)
+    before = errors.counts["aiohttp"]  # counted since the process began
+    poolwatch.instrument(metrics_port=free_port())
+    agent.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await get(session, upstream.url()) == OK
+            samples = await asyncio.to_thread(metrics, agent)
+    finally:
+        poolwatch.uninstrument()
+    assert not samples.find(WAIT)
+    assert samples.value(OPEN, **conns("idle", upstream.port)) == 1
+    assert samples.value(AGENT_ERRORS, probe="aiohttp") == before + 1

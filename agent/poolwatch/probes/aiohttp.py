@@ -1,11 +1,11 @@
 """aiohttp client sessions: open connections per host, limits, requests queued for a connection.
 
-- Hot path: one frozen ``TraceConfig`` appended to every watched ``ClientSession``. Only its
-  ``on_request_end`` receiver runs on every request (one attribute test); the queued start/end
-  receivers run only when the connector's limits make a request wait, ``on_request_exception``
-  only on failures. The other signals get no receiver: each one would cost every request.
-  aiohttp itself builds a ``Trace`` and sends about six signals per request as soon as a session
-  has any TraceConfig: that, not the receivers, is most of this probe's cost (bench_aiohttp).
+- Hot path: class-level wrappers, not a ``TraceConfig``. As soon as a session has any
+  TraceConfig, aiohttp builds a ``Trace`` and sends about six signals per request: an *empty*
+  TraceConfig costs more than the issue's 3 % budget (bench_aiohttp measures it beside us). The
+  methods that send the signals we need are wrapped instead: ``ClientSession._request`` (errors,
+  a pass-through on success), ``BaseConnector._wait_for_available_connection`` (only called when
+  the limits make a request queue: the wait time) and ``_create_connection`` (new connections).
 - Collect time: open/idle/pending counts are read from each connector's private state (the
   public API has only ``limit`` and ``limit_per_host``), defensively: a private attribute that an
   aiohttp version lacks leaves its series out and is counted once in
@@ -24,7 +24,6 @@ import threading
 import weakref
 from collections import Counter
 from time import perf_counter
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
@@ -60,6 +59,7 @@ IDLE_ATTR = "_conns"
 PER_HOST_ATTR = "_acquired_per_host"
 ACQUIRED_ATTR = "_acquired"
 WAITERS_ATTR = "_waiters"
+WAIT_METHOD = "_wait_for_available_connection"  # aiohttp >= 3.10.11
 
 ADDRESS, PORT, SCHEME = "server.address", "server.port", "url.scheme"
 STATE, SCOPE, ERROR_TYPE = "http.connection.state", "scope", "error.type"
@@ -94,13 +94,6 @@ class _ConnectorState:
         self.hosts: set[tuple[Host, str]] = set()  # (host, scheme) known: exported at zero
 
 
-class _Ctx(SimpleNamespace):
-    """Per-request trace context; class defaults keep the hot-path test a plain lookup."""
-
-    queued_at: float | None = None
-    waited: float | None = None  # seconds queued so far (a request may queue more than once)
-
-
 # Module state, reset by install() and its undo. Dicts are keyed by id() with weak references
 # whose callbacks drop the entry: snapshots (``list(d.items())``) are atomic under the GIL,
 # unlike iterating a WeakKeyDictionary from the exporter thread.
@@ -109,10 +102,8 @@ _agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a 
 _hosts: dict[tuple[str, int | None], Host] = {}
 _events: dict[tuple[str | None, Host], _Events] = {}
 _connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
-_sessions: dict[int, weakref.ref[aiohttp.ClientSession]] = {}
 _open: weakref.WeakKeyDictionary[ResponseHandler, _Open] = weakref.WeakKeyDictionary()
 _failed: set[str] = set()  # features found unreadable (counted once each)
-_trace: aiohttp.TraceConfig | None = None
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -146,50 +137,29 @@ def _unreadable(feature: str, exc: BaseException) -> None:
         errors.record(PROBE, exc)
 
 
-# --- hot path: trace receivers --------------------------------------------------------------
-def _session_events(session: Any, url: Any) -> _Events | None:
-    state = getattr(session.connector, STATE_ATTR, None)
+# --- hot path: class-level wrappers ------------------------------------------------------
+def _events_of(connector: Any, host: str | None, port: int | None) -> _Events | None:
+    state = getattr(connector, STATE_ATTR, None)
     if state is None:
-        return None
-    return _events_for(state.name, _host(url.raw_host, url.port))
+        return None  # a session poolwatch does not watch
+    return _events_for(state.name, _host(host, port))
 
 
-async def _on_queued_start(session: Any, ctx: _Ctx, params: Any) -> None:
-    ctx.queued_at = perf_counter()
+def _make_request(original: Any) -> Any:
+    async def _request(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        except Exception as exc:  # cancellation (a BaseException) is not the upstream's failure
+            _count_error(self, args, kwargs, exc)
+            raise
+
+    return _request
 
 
-async def _on_queued_end(session: Any, ctx: _Ctx, params: Any) -> None:
+def _count_error(session: aiohttp.ClientSession, args: Any, kwargs: Any, exc: Exception) -> None:
     try:
-        ctx.waited = (ctx.waited or 0.0) + (perf_counter() - ctx.queued_at)  # type: ignore[operator]
-    except Exception as exc:
-        errors.record(PROBE, exc)
-
-
-async def _on_request_end(session: Any, ctx: _Ctx, params: Any) -> None:
-    # Recorded once per request, at its end: a request woken but beaten to the free slot queues
-    # again, and its waits add up to one observation.
-    if ctx.waited is not None:
-        _record_wait(session, ctx, params.url)
-
-
-def _record_wait(session: Any, ctx: _Ctx, url: Any) -> None:
-    try:
-        events = _session_events(session, url)
-        if events is not None:
-            events.wait_time.observe(ctx.waited)  # type: ignore[arg-type]
-        ctx.waited = None
-    except Exception as exc:
-        errors.record(PROBE, exc)
-
-
-async def _on_request_exception(session: Any, ctx: _Ctx, params: Any) -> None:
-    if ctx.waited is not None:
-        _record_wait(session, ctx, params.url)
-    exc = params.exception
-    if not isinstance(exc, Exception):  # cancellation is not the upstream's failure
-        return
-    try:
-        events = _session_events(session, params.url)
+        url = session._build_url(args[1] if len(args) > 1 else kwargs["str_or_url"])
+        events = _events_of(session.connector, url.raw_host, url.port)
         if events is not None:
             with _lock:
                 events.errors[type(exc).__qualname__] += 1
@@ -197,14 +167,21 @@ async def _on_request_exception(session: Any, ctx: _Ctx, params: Any) -> None:
         errors.record(PROBE, inner)
 
 
-def _make_trace_config() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig(trace_config_ctx_factory=_Ctx)
-    trace.on_connection_queued_start.append(_on_queued_start)
-    trace.on_connection_queued_end.append(_on_queued_end)
-    trace.on_request_end.append(_on_request_end)
-    trace.on_request_exception.append(_on_request_exception)
-    trace.freeze()
-    return trace
+def _make_wait(original: Any) -> Any:
+    async def _wait_for_available_connection(self: BaseConnector, key: Any, *args: Any) -> Any:
+        # Re-queueing (woken, but beaten to the slot) loops inside: one call, one observation.
+        # Only completed waits are timed: a cancelled or timed-out one raises past this.
+        start = perf_counter()
+        result = await original(self, key, *args)
+        try:
+            events = _events_of(self, key.host, key.port)
+            if events is not None:
+                events.wait_time.observe(perf_counter() - start)
+        except Exception as exc:
+            errors.record(PROBE, exc)
+        return result
+
+    return _wait_for_available_connection
 
 
 # --- class-level wrappers: connection lifetimes, new sessions --------------------------------
@@ -243,13 +220,18 @@ def _make_connection_lost(original: Any) -> Any:
 
 
 def install(agent: Agent) -> list[Undo]:
-    global _trace, _agent
+    global _agent
     _reset()
-    _trace, _agent = _make_trace_config(), agent
+    _agent = agent
     undos = [
         wrap_method(aiohttp.ClientSession, "__init__", watch_new_instances(agent, PROBE, watch)),
+        wrap_method(aiohttp.ClientSession, "_request", _make_request),
         wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
     ]
+    if hasattr(BaseConnector, WAIT_METHOD):
+        undos.append(wrap_method(BaseConnector, WAIT_METHOD, _make_wait))
+    else:  # aiohttp < 3.10.11 waits inline in connect(): nothing to time without a TraceConfig
+        _unreadable("wait_time", AttributeError(f"BaseConnector has no {WAIT_METHOD}"))
     for cls in subclasses(BaseConnector):
         if "_create_connection" in vars(cls) and cls is not BaseConnector:
             undos.append(wrap_method(cls, "_create_connection", _make_create_connection))
@@ -259,22 +241,17 @@ def install(agent: Agent) -> list[Undo]:
 
 
 def _reset() -> None:
-    global _trace, _agent
+    global _agent
     _hosts.clear()
     _events.clear()
     _connectors.clear()
-    _sessions.clear()
     _open.clear()
     _failed.clear()
-    _trace = _agent = None
+    _agent = None
 
 
 def _detach_all() -> None:
-    """Undo: take the TraceConfig out of every session and the state off every connector."""
-    for ref in list(_sessions.values()):
-        session = ref()
-        if session is not None:
-            session._trace_configs = [t for t in session._trace_configs if t is not _trace]
+    """Undo: take poolwatch's state off every connector."""
     for ref, _ in list(_connectors.values()):
         connector = ref()
         if connector is not None and STATE_ATTR in vars(connector):
@@ -290,15 +267,10 @@ def existing_sessions() -> list[aiohttp.ClientSession]:
 
 
 def watch(agent: Agent, session: aiohttp.ClientSession, name: str | None = None) -> None:
-    """Append poolwatch's TraceConfig to ``session`` and read its connector at collect time."""
+    """Measure ``session``: its connector carries poolwatch's state, read at collect time."""
     connector = session.connector
-    if _trace is None or connector is None or session.closed:
+    if _agent is None or connector is None or session.closed:
         return
-    key = id(session)
-    if _trace not in session._trace_configs:
-        # a new list: the user's list may be shared by other sessions
-        session._trace_configs = [*session._trace_configs, _trace]
-        _sessions[key] = weakref.ref(session, lambda _, key=key: _sessions.pop(key, None))
     state = getattr(connector, STATE_ATTR, None)
     if state is None:
         state = _ConnectorState(name)
@@ -421,7 +393,8 @@ class _Source:
                 if value is not None:
                     points.append(Point(AIOHTTP_LIMIT, labels(name, **{SCOPE: scope}), value))
         for (name, host), ev in sorted(events, key=_order):
-            points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
+            if "wait_time" not in _failed:
+                points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
             points.append(Point(HTTP_CLIENT_DURATION, labels(name, host), ev.duration.value()))
             with _lock:
                 counts = sorted(ev.errors.items())
