@@ -50,3 +50,19 @@ def test_demo_walks_healthy_to_exhaustion_with_metrics_open():
     )
     assert during.value("db_client_connection_pending_requests", **pool) > 0
     assert "demo.db                          6/6       ####################" in output
+
+
+def test_demo_on_port_zero_picks_free_ports_and_says_which():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLWATCH_")}
+    cmd = [sys.executable, "-m", "poolwatch.cli", "demo", "--duration", "3"]
+    done = subprocess.run(
+        [*cmd, "--port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "http://127.0.0.1:0" not in done.stdout
+    assert "metrics unavailable" not in done.stdout
+    assert "demo.db" in done.stdout  # the view read the pool from the chosen metrics port

@@ -142,8 +142,10 @@ def add_arguments(parser: Any) -> None:
 
     parser.add_argument("--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--database-url", help="SQLAlchemy async URL (default: SQLite, temp dir)")
-    parser.add_argument("--port", type=port, default=8000, help="app port (default 8000)")
-    parser.add_argument("--metrics-port", type=port, default=9464, help="/metrics port (9464)")
+    parser.add_argument("--port", type=port, default=8000, help="app port (8000; 0: any free)")
+    parser.add_argument(
+        "--metrics-port", type=port, default=9464, help="/metrics port (9464; 0: any free)"
+    )
 
 
 def run(args: Any) -> int:
@@ -155,6 +157,8 @@ def serve(duration: float | None, database_url: str | None, port: int, metrics_p
 
     from .view import parse, render_lines
 
+    # 0 picks a free port here, not in the servers: the load and the view need to know it
+    port, metrics_port = port or _free_port(), metrics_port or _free_port()
     workdir = tempfile.mkdtemp(prefix="poolwatch-demo-")
     database_url = database_url or f"sqlite+aiosqlite:///{os.path.join(workdir, 'demo.db')}"
     os.environ.setdefault("POOLWATCH_METRICS_PORT", str(metrics_port))
