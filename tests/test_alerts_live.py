@@ -17,15 +17,14 @@ from poolwatch.gen_alerts import RULES_PATH
 from tests.support.alerting import (
     SHORT_WINDOWS,
     Load,
-    Prometheus,
     generate,
-    start_prometheus,
-    wait_for,
 )
 from tests.support.apps import AppServer, start_app
 from tests.support.exporter import run_exporter
 from tests.support.load import burst
 from tests.support.net import free_port, wait_for_port
+from tests.support.prometheus import Prometheus, start_prometheus
+from tests.support.servers import wait_for
 from tests.support.upstream import Upstream
 
 PHASE = 20.0  # seconds of healthy load; pool exhaustion must fire its alerts within as long

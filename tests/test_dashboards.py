@@ -437,8 +437,7 @@ def live(postgres, tmp_path_factory) -> Iterator[LiveRun]:
         single = start_app(APP, env)
         stack.callback(single.stop)
         prom = start_prometheus(
-            [f"127.0.0.1:{exporter.port}", f"127.0.0.1:{single.metrics_port}"],
-            job="checkout-api",
+            {"checkout-api": [f"127.0.0.1:{exporter.port}", f"127.0.0.1:{single.metrics_port}"]},
             labels={"namespace": "shop", "service": "checkout"},
         )
         stack.callback(prom.stop)

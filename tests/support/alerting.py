@@ -1,18 +1,15 @@
-"""Real Prometheus and Alertmanager (Debian packages) on loopback, a webhook receiver standing in
-for the pager and the chat, and a sustained HTTP load. Everything is bounded in time."""
+"""A real Alertmanager (Debian package) on loopback, a webhook receiver standing in for the pager
+and the chat, and a sustained HTTP load. Everything is bounded in time. Prometheus itself is in
+``prometheus.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,133 +17,15 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from .apps import stop_process
-from .net import free_port, get, wait_for_port
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
-
-
-@dataclass
-class Server:
-    """A server process started from a binary; stopped by its pid with SIGTERM, then SIGKILL."""
-
-    proc: subprocess.Popen
-    port: int
-    root: str
-    log_path: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def get_json(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        return json.loads(get(f"{self.url}{path}{query}"))
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _start(binary: str, args: list[str], port: int, root: str) -> Server:
-    path = shutil.which(binary)
-    if path is None:
-        raise RuntimeError(f"{binary} is not installed (scripts/test installs it from Debian)")
-    log_path = os.path.join(root, "server.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([path, *args], stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, port, root, log_path)
-    try:
-        wait_for_port(port, timeout=30, proc=proc)
-    except Exception:
-        output = server.log()
-        server.stop()
-        raise RuntimeError(f"{binary} did not start:\n{output}") from None
-    return server
-
-
-class Prometheus(Server):
-    def alerts(self) -> list[dict]:
-        return self.get_json("/api/v1/alerts")["data"]["alerts"]
-
-    def firing(self) -> list[dict]:
-        return [a for a in self.alerts() if a["state"] == "firing"]
-
-    def query(self, expr: str) -> list[dict]:
-        return self.get_json("/api/v1/query", query=expr)["data"]["result"]
-
-    def targets_up(self) -> int:
-        targets = self.get_json("/api/v1/targets")["data"]["activeTargets"]
-        return sum(t["health"] == "up" for t in targets)
-
-
-def start_prometheus(
-    jobs: dict[str, list[str]],
-    rule_files: list[str],
-    *,
-    labels: dict[str, str] | None = None,
-    alertmanager: str | None = None,
-) -> Prometheus:
-    """Scrapes ``jobs`` {job: [host:port]} every second, evaluates ``rule_files`` every second."""
-    root, port = tempfile.mkdtemp(prefix="poolwatch-prom-"), free_port()
-    config: dict[str, Any] = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-        "rule_files": [os.path.abspath(path) for path in rule_files],
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": targets, "labels": labels or {}}]}
-            for job, targets in jobs.items()
-        ],
-    }
-    if alertmanager:
-        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
-    with open(os.path.join(root, "prometheus.yml"), "w") as f:
-        yaml.safe_dump(config, f)
-    server = _start(
-        "prometheus",
-        [
-            f"--config.file={root}/prometheus.yml",
-            f"--storage.tsdb.path={root}/data",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        port,
-        root,
-    )
-    prom = Prometheus(server.proc, server.port, server.root, server.log_path)
-    try:
-        wait_for(lambda: _ready(prom), 30, "Prometheus ready")
-    except AssertionError:
-        prom.stop()
-        raise
-    return prom
-
-
-def _ready(server: Server) -> bool:
-    try:
-        get(f"{server.url}/-/ready", timeout=2)
-        return True
-    except OSError:  # connection refused, or 503 while it loads
-        return False
+from .net import free_port
+from .servers import Server, start_server
 
 
 def start_alertmanager(config: dict[str, Any]) -> Server:
     root, port = tempfile.mkdtemp(prefix="poolwatch-am-"), free_port()
     with open(os.path.join(root, "alertmanager.yml"), "w") as f:
         yaml.safe_dump(config, f)
-    return _start(
+    return start_server(
         "prometheus-alertmanager",
         [
             f"--config.file={root}/alertmanager.yml",

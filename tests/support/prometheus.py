@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
+import os
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
+from collections.abc import Iterable
+from typing import Any
 
-from .net import free_port, wait_for_port
+from .net import free_port, get
+from .servers import Server, start_server, wait_for
 
 
 class PromQLError(RuntimeError):
     """Prometheus rejected a query (bad syntax, type error, ...)."""
 
 
-@dataclass
-class Prometheus:
-    proc: subprocess.Popen
-    port: int
-    root: Path
-    log: IO[str]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def api(self, path: str, **params: str | list[str]) -> object:
+class Prometheus(Server):
+    def api(self, path: str, **params: str | list[str]) -> Any:
         query = urllib.parse.urlencode(params, doseq=True)
         try:
             with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as r:
@@ -59,74 +47,60 @@ class Prometheus:
     def metric_names(self) -> set[str]:
         return set(self.api("label/__name__/values"))
 
+    def alerts(self) -> list[dict]:
+        return self.api("alerts")["alerts"]
+
+    def firing(self) -> list[dict]:
+        return [a for a in self.alerts() if a["state"] == "firing"]
+
+    def targets_up(self) -> int:
+        return sum(t["health"] == "up" for t in self.api("targets")["activeTargets"])
+
     def wait_for_targets(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` targets are up (the first scrape comes ~5 s after start)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            up = self.query("up == 1")
-            if len(up) >= count:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"{count} targets not up after {timeout}s: {self.api('targets')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _wait_ready(server: Prometheus, timeout: float) -> None:
-    """The API answers 503 until the TSDB is open."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=5):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    raise TimeoutError(f"prometheus not ready after {timeout}s")
+        wait_for(lambda: len(self.query("up == 1")) >= count, timeout, f"{count} targets up")
 
 
 def start_prometheus(
-    targets: list[str], job: str, labels: dict[str, str] | None = None
+    jobs: dict[str, list[str]],
+    rule_files: Iterable[str] = (),
+    *,
+    labels: dict[str, str] | None = None,
+    alertmanager: str | None = None,
 ) -> Prometheus:
-    """Scrapes ``targets`` (host:port of /metrics) every second as ``job``, with extra target
-    ``labels`` (e.g. the namespace/service labels Kubernetes service discovery would add)."""
-    root = Path(tempfile.mkdtemp(prefix="poolwatch-prom-"))
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+    """Scrapes ``jobs`` {job: [host:port of /metrics]} every second, with extra target
+    ``labels`` (e.g. the namespace/service labels Kubernetes service discovery would add), and
+    evaluates ``rule_files`` every second."""
+    root, port = tempfile.mkdtemp(prefix="poolwatch-prom-"), free_port()
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [os.path.abspath(path) for path in rule_files],
         "scrape_configs": [
-            {
-                "job_name": job,
-                "static_configs": [{"targets": targets, "labels": labels or {}}],
-            }
+            {"job_name": job, "static_configs": [{"targets": targets, "labels": labels or {}}]}
+            for job, targets in jobs.items()
         ],
     }
-    (root / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    port = free_port()
-    log = (root / "prometheus.log").open("w")  # closed by stop()
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    server = Prometheus(proc, port, root, log)
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    with open(os.path.join(root, "prometheus.yml"), "w") as f:
+        json.dump(config, f)  # JSON is YAML
+    args = [
+        f"--config.file={root}/prometheus.yml",
+        f"--storage.tsdb.path={root}/data",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    prom = start_server("prometheus", args, port, root, cls=Prometheus)
     try:
-        wait_for_port(port, timeout=30, proc=proc)
-        _wait_ready(server, timeout=30)
-    except Exception:
-        text = (root / "prometheus.log").read_text()
-        server.stop()
-        raise RuntimeError(f"prometheus did not start:\n{text}") from None
-    return server
+        wait_for(lambda: _ready(prom), 30, "Prometheus ready")
+    except AssertionError:
+        prom.stop()
+        raise
+    return prom
+
+
+def _ready(server: Server) -> bool:
+    try:
+        get(f"{server.url}/-/ready", timeout=2)
+        return True
+    except OSError:  # connection refused, or 503 while the TSDB opens
+        return False
