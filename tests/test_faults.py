@@ -2,7 +2,8 @@
 
 Upstream faults run the same FastAPI app (``tests/apps/aiohttp_app.py``) under real uvicorn twice,
 without poolwatch (``TEST_APP_BARE=1``) and with it, against real aiohttp upstreams on loopback,
-and compare what the app's route reports.
+and compare what the app's route reports. The upstream URLs carry planted credentials: the
+suite's secret scan (``tests/support/planted.py``) checks every output of these scenarios too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections import Counter
 
 import aiohttp
 
+from tests.support import planted
 from tests.support.net import free_port
+from tests.support.planted import with_credentials
 from tests.support.upstream import Upstream, UpstreamProcess
 
 APP = "tests.apps.aiohttp_app:app"
@@ -38,6 +41,7 @@ async def fetch(url: str) -> tuple[dict, float]:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client,
         client.get(url) as response,
     ):
+        planted.scan(await response.text(), f"the app's answer to {url}")  # error messages
         return await response.json(), time.perf_counter() - started
 
 
@@ -54,10 +58,10 @@ async def _kill_mid_request(app_server, port: int, bare: bool):
     the upstream comes back on the same port and the app calls it again."""
     upstream = UpstreamProcess(port)
     env = {
-        "UPSTREAM_GET": upstream.url(60),
-        "UPSTREAM_POST": upstream.url(60),
+        "UPSTREAM_GET": with_credentials(upstream.url(60)),
+        "UPSTREAM_POST": with_credentials(upstream.url(60)),
         "METHOD_POST": "POST",
-        "UPSTREAM_AGAIN": upstream.url(0),
+        "UPSTREAM_AGAIN": with_credentials(upstream.url(0)),
     }
     server = app_server(APP, {**env, "TEST_APP_BARE": "1" if bare else "0"}, metrics=not bare)
     calls = [
@@ -109,7 +113,7 @@ async def test_upstream_killed_mid_request(app_server):
 # --- slow upstream: a timeout shorter than its answer, and one longer -------------------------
 async def _slow_calls(app_server, upstream: Upstream, bare: bool):
     """The upstream answers after 2 s: two calls give up after 0.5 s, one waits up to 10 s."""
-    slow = f"{upstream.url}/slow?delay=2"
+    slow = with_credentials(f"{upstream.url}/slow?delay=2")
     env = {
         "UPSTREAM_SHORT": slow,
         "TIMEOUT_SHORT": "0.5",

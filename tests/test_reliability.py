@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolwatch.config import SPECS, ConfigError, load_settings
+from tests.support import planted
 from tests.support.net import get, scrape
 from tests.support.postgres import remove, start_postgres
 
@@ -164,18 +165,22 @@ def test_metrics_token_is_required_when_set(tmp_path):
     from poolwatch.agent import agent
     from tests.support.net import free_port
 
-    poolwatch.instrument(metrics_port=free_port(), metrics_token="tok-Secr3t-9")
+    poolwatch.instrument(metrics_port=free_port(), metrics_token=planted.METRICS_TOKEN)
     agent.start()
     url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "tok-Secr3t-9"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": planted.METRICS_TOKEN},
+        ):
             with pytest.raises(urllib.error.HTTPError) as denied:
                 get(url, headers=headers)
             assert denied.value.code == 401
             assert b"poolwatch" not in denied.value.read()
-        ok = scrape(url, headers={"Authorization": "Bearer tok-Secr3t-9"})
+        ok = scrape(url, headers={"Authorization": f"Bearer {planted.METRICS_TOKEN}"})
         assert ok.find("poolwatch_build_info")
-        assert "tok-Secr3t-9" not in repr(agent.settings)
+        assert planted.METRICS_TOKEN not in repr(agent.settings)
     finally:
         poolwatch.uninstrument()
 

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from . import planted
 from .net import free_port, scrape, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,6 +74,7 @@ def start_app(
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the app's log outlives this function
         prefix="poolwatch-app-", suffix=".log", delete=False
     )
+    planted.watch_file(log.name, "the log of")
     cmd = [
         sys.executable,
         "-m",

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from . import planted
 from .apps import REPO, AppServer, stop_process
 from .net import free_port, scrape, wait_for_port
 
@@ -40,6 +41,7 @@ class Exporter:
 def _log_file(prefix: str) -> str:
     log = tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", delete=False)  # noqa: SIM115
     log.close()
+    planted.watch_file(log.name, "the log of")
     return log.name
 
 
