@@ -9,13 +9,16 @@ suite's secret scan (``tests/support/planted.py``) checks every output of these 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 
 import aiohttp
 
 from tests.support import planted
-from tests.support.net import free_port
+from tests.support.apps import without_root_writes
+from tests.support.exporter import run_exporter
+from tests.support.net import free_port, get
 from tests.support.planted import with_credentials
 from tests.support.upstream import Upstream, UpstreamProcess
 
@@ -145,3 +148,122 @@ async def test_slow_upstream_times_out_as_without_poolwatch(app_server):
     assert after.value(OPEN, **conns("active", upstream.port)) == 0
     assert after.value(OPEN, **conns("idle", upstream.port)) == 1  # the long call's, kept alive
     assert_quiet(server)
+
+
+# --- exporter faults ----------------------------------------------------------------------------
+# The matrix (README, "Faults"): OTLP collector down -> test_otlp (in-app; the sidecar pushes no
+# OTLP); metrics port taken -> test_pools (in-app, with lifespan) and below; multiproc directory
+# unwritable at start -> test_multiproc (in-app) and below; the rest below.
+POOL_APP = "tests.apps.pool_app:app"
+
+
+def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.2)
+    return value
+
+
+def test_metrics_port_taken_without_lifespan_serves_the_app_and_says_why(app_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # no lifespan: no start-up to fail, the agent starts on the first request instead
+        server = app_server(
+            POOL_APP, {"POOLWATCH_METRICS_PORT": str(port)}, metrics=False,
+            server_args=["--lifespan", "off"],
+        )  # fmt: skip
+        for _ in range(20):
+            assert get(server.url + "/ok") == '{"ok":true}'
+    log = server.log()
+    assert log.count(f"POOLWATCH_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port}") == 1, log
+    assert "Choose a free port" in log
+
+
+def test_sidecar_metrics_port_taken_is_one_clear_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        exporter = run_exporter("--multiproc-dir", str(tmp_path), "--port", str(port), wait=False)
+        assert exporter.proc.wait(timeout=20) == 2
+    assert exporter.log() == (
+        f"poolwatch exporter: --port/POOLWATCH_METRICS_PORT={port}: cannot listen on "
+        f"127.0.0.1:{port} (Address already in use); choose a free port\n"
+    )
+
+
+def test_sidecar_directory_unusable_is_one_clear_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    exporter = run_exporter("--multiproc-dir", f"{not_a_dir}/metrics", wait=False)
+    assert exporter.proc.wait(timeout=20) == 2
+    log = exporter.log()
+    assert log.startswith(
+        f"poolwatch exporter: --multiproc-dir/POOLWATCH_MULTIPROC_DIR={not_a_dir}/metrics: "
+        "cannot read it (Not a directory); give a directory this process can read and write"
+    ), log
+    assert log.count("\n") == 1
+
+
+def test_sidecar_on_a_read_only_directory_serves_the_live_workers(tmp_path):
+    """The sidecar only reads; a dead worker's files it cannot remove are skipped, logged once."""
+    from poolwatch.exporters.multiproc import Publisher
+
+    text = b'# HELP up_x x\n# TYPE up_x gauge\nup_x{worker="live"} 1.0\n'
+    live = Publisher(str(tmp_path), "live", lambda: text)  # this process: it may write
+    (tmp_path / "dead.lock").write_text("")  # a worker that died without cleaning up
+    (tmp_path / "dead.prom").write_text('up_x{worker="dead"} 1.0\n')
+    tmp_path.chmod(0o555)
+    try:
+        exporter = run_exporter("--multiproc-dir", str(tmp_path), prefix=without_root_writes())
+        try:
+            for _ in range(3):
+                samples = exporter.scrape()
+                assert samples.value("poolwatch_exporter_workers") == 1
+                assert [s.labels["worker"] for s in samples.find("up_x")] == ["live"]
+            assert get(exporter.url + "/healthz") == "ok\n"
+        finally:
+            assert exporter.stop() == 0
+    finally:
+        tmp_path.chmod(0o755)
+        live.stop()
+    log = exporter.log()
+    assert (tmp_path / "dead.prom").exists()  # it could not remove it...
+    assert log.count("poolwatch hook failed") == 1 and "PermissionError" in log, log  # ...once
+
+
+def test_multiproc_directory_unwritable_while_running_degrades_and_recovers(app_server, tmp_path):
+    """Start-up checks the directory; if it turns read-only later, the app goes on serving, the
+    failed writes are counted and logged once, the sidecar skips the stale file, and everything
+    is back once the directory is writable again."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {"POOLWATCH_MULTIPROC_DIR": str(directory), "POOLWATCH_WORKER": "web-1"}
+    server = app_server(POOL_APP, env, metrics=False, prefix=without_root_writes())
+    exporter = run_exporter("--multiproc-dir", str(directory), "--stale-after", "2")
+    try:
+
+        def workers() -> float:
+            return exporter.scrape().value("poolwatch_exporter_workers")
+
+        wait_for(lambda: workers() == 1, what="worker in the sidecar")
+        directory.chmod(0o555)
+        try:
+            wait_for(lambda: workers() == 0, what="stale worker skipped")
+            for _ in range(20):
+                assert get(server.url + "/ok") == '{"ok":true}'
+        finally:
+            directory.chmod(0o755)
+        samples = wait_for(
+            lambda: (s := exporter.scrape()).value("poolwatch_exporter_workers") == 1 and s,
+            what="worker back in the sidecar",
+        )
+        failed = samples.value("poolwatch_agent_errors_total", probe="exporter", worker="web-1")
+        assert failed >= 2  # one failed write a second, each counted
+    finally:
+        assert exporter.stop() == 0
+    log = server.log()
+    assert log.count("poolwatch hook failed") == 1 and "PermissionError" in log, log

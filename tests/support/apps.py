@@ -27,6 +27,14 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
     return proc.returncode
 
 
+def without_root_writes() -> list[str]:
+    """A command prefix under which a root process obeys directory permissions when writing
+    (root bypasses them through CAP_DAC_OVERRIDE); nothing for other users."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override"]
+
+
 @dataclass
 class AppServer:
     proc: subprocess.Popen
@@ -61,8 +69,10 @@ def start_app(
     server_args: list[str] | None = None,
     metrics: bool = True,
     wait_metrics: bool = True,
+    prefix: list[str] | None = None,
 ) -> AppServer:
-    """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn."""
+    """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn;
+    ``prefix`` goes before the command (e.g. ``without_root_writes()``)."""
     port, metrics_port = free_port(), free_port()
     full_env = {
         **os.environ,
@@ -76,6 +86,7 @@ def start_app(
     )
     planted.watch_file(log.name, "the log of")
     cmd = [
+        *(prefix or []),
         sys.executable,
         "-m",
         "uvicorn",

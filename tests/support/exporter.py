@@ -45,12 +45,19 @@ def _log_file(prefix: str) -> str:
     return log.name
 
 
-def run_exporter(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Exporter:
-    """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``."""
+def run_exporter(
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    prefix: list[str] | None = None,
+) -> Exporter:
+    """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``;
+    ``prefix`` goes before the command."""
     port = free_port()
     log_path = _log_file("poolwatch-exporter-")
     full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
-    cmd = [sys.executable, "-m", "poolwatch", "exporter", "--port", str(port), *args]
+    cmd = [*(prefix or []), sys.executable, "-m", "poolwatch", "exporter", "--port", str(port)]
+    cmd += args
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     exporter = Exporter(proc, port, log_path)
