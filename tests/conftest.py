@@ -8,6 +8,9 @@ from tests.support.apps import AppServer, start_app
 from tests.support.net import free_port
 from tests.support.postgres import Postgres, remove, start_postgres
 
+# every test is scanned for the planted secrets leaking into its outputs (issue 11)
+pytest_plugins = ["tests.support.secret_scan"]
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Postgres:

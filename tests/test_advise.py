@@ -21,6 +21,7 @@ from poolwatch.exporters.prometheus import PoolwatchCollector
 from poolwatch.poolstats import PoolGauges, PoolStats
 from poolwatch.registry import Registry
 from poolwatch.view import parse
+from tests.support import planted
 from tests.support.net import free_port, get, wait_for_port
 from tests.support.postgres import PASSWORD
 
@@ -121,13 +122,15 @@ def test_fleet_over_budget_says_so_and_what_fits():
 
 def advise(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POOLWATCH_")}
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "poolwatch.cli", "advise", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
     )
+    planted.scan(result.stdout + result.stderr, "the output of poolwatch advise")
+    return result
 
 
 async def steady_load(url: str, clients: int, seconds: float) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from tests.support import planted
 from tests.support.load import Sampler
 from tests.support.net import Samples, free_port, scrape
 from tests.support.upstream import Upstream, refusing_socket
@@ -106,12 +107,12 @@ async def test_slow_upstream_queues_behind_the_limits(app_server, upstreams):
     assert after.value(AGENT_ERRORS, probe="aiohttp") == 0
 
 
-SECRETS = ("alice-7f3", "pw-Secr3t-91", "tok-abc-123", "token", "delay", "/slow")
+SECRETS = (planted.URL_USER, planted.URL_PASSWORD, planted.URL_TOKEN, "token", "delay", "/slow")
 
 
 def with_secrets(url: str) -> str:
     """``url`` with a user, a password and a token in its query string."""
-    return url.replace("http://", "http://alice-7f3:pw-Secr3t-91@") + "&token=tok-abc-123"
+    return planted.with_credentials(url)
 
 
 async def test_two_hosts_are_told_apart_and_no_url_part_leaks(app_server, upstreams):

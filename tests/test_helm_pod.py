@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import planted
 from tests.support.apps import REPO
 from tests.support.exporter import Exporter, start_workers
 from tests.support.helmchart import by_kind, make_app_chart, objects, render
@@ -26,7 +27,7 @@ from tests.support.net import free_port, get, scrape, wait_for_port
 from tests.support.postgres import PASSWORD
 from tests.test_multiproc import wait_for, workers_of
 
-TOKEN = "scrape-token-5521"
+TOKEN = planted.METRICS_TOKEN
 
 
 def local_container(

@@ -15,6 +15,7 @@ import urllib.error
 
 import pytest
 
+from tests.support import planted
 from tests.support.exporter import PYTHONPATH, run_exporter, start_workers
 from tests.support.net import get
 
@@ -170,30 +171,28 @@ def test_workers_starting_later_and_stopping_cleanly(tmp_path):
 
 def test_exporter_token_and_bad_input(tmp_path):
     exporter = run_exporter(
-        "--multiproc-dir", str(tmp_path), env={"POOLWATCH_METRICS_TOKEN": "t0ken-1234"}
+        "--multiproc-dir", str(tmp_path), env={"POOLWATCH_METRICS_TOKEN": planted.METRICS_TOKEN}
     )
     try:
         with pytest.raises(urllib.error.HTTPError) as denied:
             get(exporter.url + "/metrics")
         assert denied.value.code == 401
-        samples = exporter.scrape(headers={"Authorization": "Bearer t0ken-1234"})
+        samples = exporter.scrape(headers={"Authorization": f"Bearer {planted.METRICS_TOKEN}"})
         assert samples.value("poolwatch_exporter_workers") == 0
         assert get(exporter.url + "/healthz") == "ok\n"  # probes need no token
     finally:
         exporter.stop()
-    assert "t0ken-1234" not in exporter.log()
+    assert planted.METRICS_TOKEN not in exporter.log()
 
     missing = run_exporter(wait=False, env={"POOLWATCH_MULTIPROC_DIR": ""})
     assert missing.proc.wait(timeout=20) == 2
     assert "pass --multiproc-dir DIR or set POOLWATCH_MULTIPROC_DIR" in missing.log()
 
-    bad_dsn = run_exporter(
-        "--multiproc-dir", str(tmp_path), "--postgres-dsn", "host=x password=s3cr3t-dsn junk",
-        wait=False,
-    )  # fmt: skip
+    bad = f"host=x password={planted.BAD_DSN_PASSWORD} junk"
+    bad_dsn = run_exporter("--multiproc-dir", str(tmp_path), "--postgres-dsn", bad, wait=False)
     assert bad_dsn.proc.wait(timeout=20) == 2
     assert "--postgres-dsn/POOLWATCH_POSTGRES_DSN is not a valid" in bad_dsn.log()
-    assert "s3cr3t-dsn" not in bad_dsn.log()
+    assert planted.BAD_DSN_PASSWORD not in bad_dsn.log()
 
 
 def test_unwritable_directory_stops_the_app_at_start_with_a_clear_message(tmp_path):

@@ -7,6 +7,7 @@ import time
 
 import psycopg
 
+from tests.support import planted
 from tests.support.exporter import run_exporter, start_workers
 from tests.support.postgres import PASSWORD, remove, start_postgres
 from tests.test_multiproc import wait_for, workers_of
@@ -81,7 +82,7 @@ def test_connections_by_application_and_state_then_database_down(tmp_path):
 
 
 def test_refused_login_is_down_without_leaking_the_password(postgres, tmp_path):
-    wrong = "wr0ng-Pa55-9931"
+    wrong = planted.WRONG_DB_PASSWORD
     dsn = f"postgresql://postgres:{wrong}@127.0.0.1:{postgres.port}/app"
     exporter = run_exporter("--multiproc-dir", str(tmp_path), "--postgres-dsn", dsn)
     try:

@@ -8,10 +8,11 @@ import urllib.error
 
 import pytest
 import structlog
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from poolwatch.config import SPECS, ConfigError, load_settings
+from tests.support import planted
 from tests.support.net import get, scrape
 from tests.support.postgres import remove, start_postgres
 
@@ -144,7 +145,17 @@ def test_a_failing_source_does_not_break_the_scrape(agent):
     assert samples.value("poolwatch_agent_errors_total", probe="aiohttp") >= 1
 
 
+def _valid_alone(spec, value: str) -> bool:
+    try:
+        spec.parse(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 @settings(max_examples=300, deadline=None)
+@example(name="loop_interval", value="1")  # valid alone, not with the default block threshold
+@example(name="block_threshold", value="0.001")
 @given(
     name=st.sampled_from(sorted(SPECS)),
     value=st.text(alphabet=string.printable + "é€\x00", max_size=12),
@@ -155,8 +166,13 @@ def test_any_setting_value_parses_or_fails_with_one_clear_line(name, value):
         load_settings(environ={spec.env: value})
     except ConfigError as exc:
         message = str(exc)
-        assert message.startswith(f"{spec.env}={value!r} is invalid: expected {spec.allowed}")
         assert "\n" not in message
+        if name in ("loop_interval", "block_threshold") and _valid_alone(spec, value):
+            # a value valid alone, against the other one's default: the rule joining the two
+            assert message.startswith("POOLWATCH_LOOP_INTERVAL="), message
+            assert "must be smaller than POOLWATCH_BLOCK_THRESHOLD=" in message
+            return
+        assert message.startswith(f"{spec.env}={value!r} is invalid: expected {spec.allowed}")
 
 
 def test_metrics_token_is_required_when_set(tmp_path):
@@ -164,18 +180,22 @@ def test_metrics_token_is_required_when_set(tmp_path):
     from poolwatch.agent import agent
     from tests.support.net import free_port
 
-    poolwatch.instrument(metrics_port=free_port(), metrics_token="tok-Secr3t-9")
+    poolwatch.instrument(metrics_port=free_port(), metrics_token=planted.METRICS_TOKEN)
     agent.start()
     url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "tok-Secr3t-9"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": planted.METRICS_TOKEN},
+        ):
             with pytest.raises(urllib.error.HTTPError) as denied:
                 get(url, headers=headers)
             assert denied.value.code == 401
             assert b"poolwatch" not in denied.value.read()
-        ok = scrape(url, headers={"Authorization": "Bearer tok-Secr3t-9"})
+        ok = scrape(url, headers={"Authorization": f"Bearer {planted.METRICS_TOKEN}"})
         assert ok.find("poolwatch_build_info")
-        assert "tok-Secr3t-9" not in repr(agent.settings)
+        assert planted.METRICS_TOKEN not in repr(agent.settings)
     finally:
         poolwatch.uninstrument()
 

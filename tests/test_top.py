@@ -28,6 +28,7 @@ from poolwatch.metrics import (
     Point,
 )
 from poolwatch.view import parse
+from tests.support import planted
 from tests.support.apps import REPO
 from tests.support.net import free_port, scrape, wait_for_port
 
@@ -117,13 +118,15 @@ def test_top_shows_the_demo_pool_running_dry_and_quits_on_ctrl_c():
 
 
 def top(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "poolwatch.cli", "top", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=CLEAN_ENV,
     )
+    planted.scan(result.stdout + result.stderr, "the output of poolwatch top")
+    return result
 
 
 def test_unreachable_or_foreign_endpoint_is_one_clear_line(app_server, postgres):
@@ -147,7 +150,10 @@ def test_unreachable_or_foreign_endpoint_is_one_clear_line(app_server, postgres)
 
 
 def test_token_protected_endpoint(app_server, postgres):
-    env = {"SA_URL": postgres.dsn("postgresql+asyncpg"), "POOLWATCH_METRICS_TOKEN": "s3cret-tok"}
+    env = {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "POOLWATCH_METRICS_TOKEN": planted.METRICS_TOKEN,
+    }
     server = app_server("tests.apps.pool_app:app", env)
     result = top(server.metrics_url)
     assert result.returncode == 2
@@ -157,13 +163,13 @@ def test_token_protected_endpoint(app_server, postgres):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**CLEAN_ENV, "POOLWATCH_METRICS_TOKEN": "s3cret-tok", "COLUMNS": "160"},
+        env={**CLEAN_ENV, "POOLWATCH_METRICS_TOKEN": planted.METRICS_TOKEN, "COLUMNS": "160"},
     )
     time.sleep(1.0)
     proc.send_signal(subprocess.signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    assert f"127.0.0.1:{postgres.port}/app" in out and "s3cret-tok" not in out + err
+    assert f"127.0.0.1:{postgres.port}/app" in out and planted.METRICS_TOKEN not in out + err
 
 
 def test_piped_output_prints_frames_and_survives_the_app_going_away(app_server, postgres):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from . import planted
 from .net import free_port, scrape, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,6 +25,14 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
             proc.kill()
             proc.wait(timeout=5)
     return proc.returncode
+
+
+def without_root_writes() -> list[str]:
+    """A command prefix under which a root process obeys directory permissions when writing
+    (root bypasses them through CAP_DAC_OVERRIDE); nothing for other users."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override"]
 
 
 @dataclass
@@ -60,8 +69,10 @@ def start_app(
     server_args: list[str] | None = None,
     metrics: bool = True,
     wait_metrics: bool = True,
+    prefix: list[str] | None = None,
 ) -> AppServer:
-    """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn."""
+    """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn;
+    ``prefix`` goes before the command (e.g. ``without_root_writes()``)."""
     port, metrics_port = free_port(), free_port()
     full_env = {
         **os.environ,
@@ -73,7 +84,9 @@ def start_app(
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the app's log outlives this function
         prefix="poolwatch-app-", suffix=".log", delete=False
     )
+    planted.watch_file(log.name, "the log of")
     cmd = [
+        *(prefix or []),
         sys.executable,
         "-m",
         "uvicorn",

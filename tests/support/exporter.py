@@ -10,6 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from . import planted
 from .apps import REPO, AppServer, stop_process
 from .net import free_port, scrape, wait_for_port
 
@@ -40,15 +41,23 @@ class Exporter:
 def _log_file(prefix: str) -> str:
     log = tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", delete=False)  # noqa: SIM115
     log.close()
+    planted.watch_file(log.name, "the log of")
     return log.name
 
 
-def run_exporter(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Exporter:
-    """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``."""
+def run_exporter(
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    prefix: list[str] | None = None,
+) -> Exporter:
+    """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``;
+    ``prefix`` goes before the command."""
     port = free_port()
     log_path = _log_file("poolwatch-exporter-")
     full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
-    cmd = [sys.executable, "-m", "poolwatch", "exporter", "--port", str(port), *args]
+    cmd = [*(prefix or []), sys.executable, "-m", "poolwatch", "exporter", "--port", str(port)]
+    cmd += args
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     exporter = Exporter(proc, port, log_path)

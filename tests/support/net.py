@@ -8,6 +8,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import planted
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,6 +41,7 @@ class Samples:
 
     def __init__(self, text: str) -> None:
         self.text = text
+        planted.scan(text, "a /metrics exposition")
         self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
 
     def find(self, name: str, **labels: str) -> list:

@@ -12,9 +12,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from . import planted
 from .net import free_port
 
-PASSWORD = "pw-Secr3t-4417"  # planted: tests assert it never shows up in output
+PASSWORD = planted.DB_PASSWORD  # tests assert it never shows up in output
 
 
 def _bindir() -> str:

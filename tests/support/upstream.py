@@ -1,9 +1,15 @@
-"""A real aiohttp server on loopback, run on its own thread: the upstream an app calls."""
+"""A real aiohttp server on loopback, the upstream an app calls: on its own thread
+(:class:`Upstream`), or in its own process (:class:`UpstreamProcess`) to be killed mid-request."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 
 from aiohttp import web
@@ -63,3 +69,58 @@ def refusing_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+class UpstreamProcess:
+    """``/slow?delay=S`` (any method) served by ``python -m tests.support.upstream PORT``, which
+    prints one line per request received: :meth:`wait_requests` knows when they are in flight."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._lines: queue.Queue[str] = queue.Queue()
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.upstream", str(self.port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=repo,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            wait_for_port(self.port, proc=self.proc)
+        except Exception:
+            self.kill()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line.strip())
+
+    def url(self, delay: float) -> str:
+        return f"http://127.0.0.1:{self.port}/slow?delay={delay}"
+
+    def wait_requests(self, n: int, timeout: float = 10.0) -> list[str]:
+        """The next ``n`` requests received (``"GET /slow"``), waiting at most ``timeout``."""
+        return [self._lines.get(timeout=timeout) for _ in range(n)]
+
+    def kill(self) -> None:
+        """SIGKILL: the process ends at once, the requests it holds get no answer."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+
+async def _slow_announced(request: web.Request) -> web.Response:
+    print(f"{request.method} {request.path}", flush=True)
+    return await _slow(request)
+
+
+def _serve(port: int) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/slow", _slow_announced)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))
