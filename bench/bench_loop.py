@@ -21,9 +21,9 @@ server with the probe off ("control") in the same rounds prints the machine's no
 CPU each idle server burns per second (``/proc/PID/task/*/schedstat``) gives the probe's own cost
 independently of other load on the machine. With ``--instructions N`` (Debian ``valgrind``), the
 gate that other load cannot move: CPU instructions per request counted by callgrind (all threads,
-the watchdog's included) for the same three servers, the probe's per-second background scaled to
-the real tick rate and charged to the requests of the probe-off server's measured RPS; target
-off/on >= 0.99.
+the watchdog's included) for off, on and control servers; the probe-on server's interval and
+threshold are stretched by valgrind's slowdown so that each request shares as many ticks and
+watchdog wake-ups as at this run's probe-off RPS (see run_instructions); target off/on >= 0.99.
 """
 
 from __future__ import annotations
@@ -288,22 +288,19 @@ def idle_cpu(servers: dict, seconds: float, rounds: int) -> dict[str, float]:
 
 
 class Count(NamedTuple):
-    net: float  # instructions per request, background work (at valgrind's pace) taken out
-    per_second_idle: float  # instructions per second with no request
-    ticks_per_second: float  # lag ticks per second in that idle window (0: probe off)
+    per_request: float  # instructions per request, every thread (the watchdog's too)
+    requests_per_second: float  # under valgrind
+    ticks_per_request: float  # lag ticks per request in the counted window (0: probe off)
 
 
-IDLE_SECONDS = 3.0
-
-
-def count_instructions(loop: str, probe: str, requests: int) -> Count:
-    """CPU instructions the trivial route's server executes, counted by valgrind's callgrind
-    over every thread (the watchdog's too): exact and blind to other processes, unlike time on
-    a shared machine. Sequential keep-alive requests; counting only while they run, then over
-    an idle window. ``PYTHONHASHSEED`` is fixed so that on/off differ by the probe alone."""
+def count_instructions(loop: str, env: dict[str, str], requests: int) -> Count:
+    """CPU instructions the trivial route's server executes per request, counted by valgrind's
+    callgrind over every thread: exact and blind to other processes, unlike time on a shared
+    machine. Sequential keep-alive requests, counted while they run. ``PYTHONHASHSEED`` is
+    fixed so that servers differ by ``env`` alone."""
     port, workdir = free_port(), tempfile.mkdtemp(prefix="poolwatch-callgrind-")
     out = os.path.join(workdir, "callgrind.out")
-    env = {**os.environ, "LOOP_PROBE": probe, "POOLWATCH_METRICS_PORT": "0", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "POOLWATCH_METRICS_PORT": "0", "PYTHONHASHSEED": "0", **env}
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "agent")])
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     cmd += [sys.executable, "-m", "uvicorn", "bench.loop_app:app", "--port", str(port)]
@@ -315,20 +312,6 @@ def count_instructions(loop: str, probe: str, requests: int) -> Count:
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
 
-    def counted(work) -> tuple[int, float]:
-        """Instructions the server executed while ``work()`` ran, and the seconds it took."""
-        control("-z")
-        control("-i", "on")
-        start = time.perf_counter()
-        work()
-        seconds = time.perf_counter() - start
-        control("-i", "off")
-        control("-d")
-        dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
-        with open(dumps[-1]) as dump:
-            totals = [line for line in dump if line.startswith(("summary:", "totals:"))]
-        return int(totals[-1].split()[1]), seconds
-
     try:
         wait_for_port(port, timeout=600, proc=proc)
         client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -338,51 +321,67 @@ def count_instructions(loop: str, probe: str, requests: int) -> Count:
                 client.request("GET", path)
                 response = client.getresponse()
                 body = response.read()
-                assert response.status == 200, f"{loop} probe={probe} {path}: {response.status}"
+                assert response.status == 200, f"{loop} {env.get('LOOP_PROBE')}: {path}"
             return body
 
-        get("/", 300)  # warm: the connection open, caches filled
+        # Instrumentation on first: switching it on drops valgrind's translations, and the
+        # slow re-translation that follows must not fall into the counted window.
+        control("-i", "on")
+        get("/", 300)
         ticks = json.loads(get("/ticks"))["ticks"]
-        idle, idle_seconds = counted(lambda: time.sleep(IDLE_SECONDS))
+        control("-z")
+        start = time.perf_counter()
+        get("/", requests)
+        seconds = time.perf_counter() - start
+        control("-d")
         ticks = json.loads(get("/ticks"))["ticks"] - ticks
-        busy, busy_seconds = counted(lambda: get("/", requests))
+        dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
+        with open(dumps[-1]) as dump:
+            totals = [line for line in dump if line.startswith(("summary:", "totals:"))]
     finally:
         proc.terminate()
         proc.wait(timeout=120)
         shutil.rmtree(workdir, ignore_errors=True)
-    rate = idle / idle_seconds
-    return Count((busy - rate * busy_seconds) / requests, rate, ticks / idle_seconds)
+    return Count(int(totals[-1].split()[1]) / requests, requests / seconds, ticks / requests)
 
 
-def run_instructions(loop: str, requests: int, rps: float, interval: float) -> None:
-    """The cost gate: instructions per request, probe+watchdog on vs off, at ``rps`` requests
-    a second (the probe-off server's wall-clock RPS of this run: a CPU-bound server's rate)."""
-    counts = {
-        name: count_instructions(loop, probe, requests)
-        for name, probe in (("off", "0"), ("on", "1"), ("control", "0"))
+def run_instructions(loop: str, requests: int, rps: float) -> None:
+    """The cost gate: instructions per request, probe+watchdog on vs off, as at ``rps``.
+
+    Under valgrind a request takes ~50 times longer while the lag timer and the watchdog keep
+    wall-clock time, so at default settings each request would be charged ~50 times the ticks
+    it shares at real speed. The probe-on server therefore runs with its interval and threshold
+    stretched by the slowdown measured on the probe-off server (its req/s under valgrind vs
+    ``rps``, the probe-off server's wall-clock RPS in this run): per request it then pays the
+    ticks and watchdog wake-ups it pays at ``rps`` with the default settings. The code of a tick
+    or a wake-up does not depend on those settings."""
+    settings = load_settings()
+    off = count_instructions(loop, {"LOOP_PROBE": "0"}, requests)
+    stretch = rps / off.requests_per_second
+    stretched = {
+        "LOOP_PROBE": "1",
+        "POOLWATCH_LOOP_INTERVAL": f"{settings.loop_interval * stretch:.4f}",
+        "POOLWATCH_BLOCK_THRESHOLD": f"{settings.block_threshold * stretch:.4f}",
     }
-    off, on, control = counts["off"], counts["on"], counts["control"]
-    # What the probe adds per second: ticks (each with the loop iteration it costs an idle
-    # loop, an over-estimate for a busy one) and the watchdog's wake-ups, scaled from
-    # valgrind's tick rate to the real one (1 / interval).
-    background = on.per_second_idle - off.per_second_idle
-    per_tick = background / on.ticks_per_second
-    per_request = on.net + per_tick / interval / rps
-    ratio = off.net / per_request
+    on = count_instructions(loop, stretched, requests)
+    control = count_instructions(loop, {"LOOP_PROBE": "0"}, requests)
+    ratio = off.per_request / on.per_request
+    real_ticks = 1 / settings.loop_interval / rps
     print(
-        f"  {'':<8} instructions per request (callgrind, {requests} sequential requests, "
-        f"background taken out): off {off.net:,.0f}, on {on.net:,.0f}, control "
-        f"{control.net:,.0f} (control/off {off.net / control.net:.4f})"
+        f"  {'':<8} instructions per request (callgrind, all threads, {requests} sequential "
+        f"requests): off {off.per_request:,.0f}, on {on.per_request:,.0f}, control "
+        f"{control.per_request:,.0f} (control/off {off.per_request / control.per_request:.4f})"
     )
     print(
-        f"  {'':<8} idle instructions/s: off {off.per_second_idle:,.0f}, on "
-        f"{on.per_second_idle:,.0f} at {on.ticks_per_second:.0f} ticks/s -> the probe adds "
-        f"{per_tick:,.0f} per tick, watchdog included; at {1 / interval:.0f} ticks/s and "
-        f"{rps:.0f} req/s: {per_tick / interval / rps:,.0f} per request"
+        f"  {'':<8} valgrind slowdown {stretch:.0f}x: probe interval "
+        f"{settings.loop_interval * stretch:.3f} s, threshold "
+        f"{settings.block_threshold * stretch:.3f} s -> "
+        f"{on.ticks_per_request:.4f} ticks per request (at {rps:.0f} req/s with the default "
+        f"{settings.loop_interval:g} s: {real_ticks:.4f})"
     )
     print(
-        f"  {'':<8} instruction ratio off / on (per request, probe's background included) "
-        f"{ratio:.4f} (target >= 0.99: {'meets' if ratio >= 0.99 else 'MISSES'})"
+        f"  {'':<8} instructions off / on {ratio:.4f} "
+        f"(target >= 0.99: {'meets' if ratio >= 0.99 else 'MISSES'})"
     )
 
 
@@ -437,7 +436,7 @@ def run_cost(rounds: int, seconds: int, requests: int | None) -> None:
             f"{1 - probe_ms / 1000:.4f} of its RPS)"
         )
         if requests:
-            run_instructions(loop, requests, rps["off"], load_settings().loop_interval)
+            run_instructions(loop, requests, rps["off"])
 
 
 if __name__ == "__main__":
