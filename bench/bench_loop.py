@@ -212,7 +212,8 @@ def run_idle(seconds: float, rounds: int) -> None:
             f"  {loop:<8} CPU ms/s: off {off:.2f}, timer {timer:.2f}, probe {probe:.2f} (its"
             f" watchdog thread {dog:.2f}) -> the probe costs {probe - off:.2f} ms/s idle ="
             f" {(probe - off) / 10:.2f} % of a core; over the bare timer {probe - timer:.2f} ms/s"
-            f" = {1000 * (probe - timer) * interval:.1f} µs per tick"
+            f" = {1000 * (probe - timer) * interval:.1f} µs per tick, the watchdog's wake-ups"
+            " included"
         )
         print(
             f"  {'':<8} ticks back to back: timer {per_tick['timer']:.2f} µs, probe "
