@@ -8,6 +8,7 @@ import os
 from fastapi import FastAPI
 
 import poolwatch
+from poolwatch.probes.loop import watching
 
 
 @contextlib.asynccontextmanager
@@ -24,3 +25,10 @@ app = FastAPI(lifespan=lifespan)
 @app.get("/")
 async def root():
     return {"ok": True}
+
+
+@app.get("/ticks")
+async def ticks():
+    """Lag ticks so far (0 with the probe off): the instruction count's per-tick figure."""
+    watcher = watching()
+    return {"ticks": watcher.lag.value().count if watcher else 0}
