@@ -181,25 +181,39 @@ def print_report(results, variants, duration: int, rounds: int, connections: int
 
 class Count(NamedTuple):
     per_request: float  # all the server's instructions while the requests ran, / requests
-    per_second_idle: float  # background work with no request: loop probe ticks, exports...
-    net: float  # per request, with that background work (at valgrind's pace) taken out
+    requests_per_second: float  # under valgrind
 
 
-IDLE_SECONDS = 3.0
+def stretched(variant: str, dsn: str, receiver: str, stretch: float) -> dict[str, str]:
+    """The variant's settings with every period multiplied by ``stretch``.
+
+    Under valgrind a request takes ~50x longer but timers keep wall-clock time: with the
+    default settings each request would be charged ~50x the loop-probe ticks, watchdog
+    wake-ups and OTLP exports it shares at real speed, and a loop iteration serving 32 ready
+    requests (~3 ms at real speed) would outlast the 100 ms block threshold and be reported as a
+    block. Periods stretched by the slowdown measured on the bare server (its req/s under
+    valgrind vs wrk's) make each request share what it shares at real speed."""
+    from poolwatch.config import Settings
+
+    env = variant_env(variant, dsn, receiver)
+    env["POOLWATCH_LOOP_INTERVAL"] = f"{Settings().loop_interval * stretch:.4f}"
+    env["POOLWATCH_BLOCK_THRESHOLD"] = f"{Settings().block_threshold * stretch:.4f}"
+    if "OTEL_METRIC_EXPORT_INTERVAL" in env:
+        env["OTEL_METRIC_EXPORT_INTERVAL"] = str(
+            int(int(env["OTEL_METRIC_EXPORT_INTERVAL"]) * stretch)
+        )
+    return env
 
 
-def instructions(variant: str, dsn: str, receiver: str, requests: int) -> dict[str, Count]:
-    """route -> CPU instructions the server executes per request, counted by valgrind's
-    callgrind: exact and blind to other processes, unlike time on a shared machine. One server,
-    sequential keep-alive requests, counting only while they run.
-
-    Under valgrind a request takes ~50x longer, so work done per second (the loop probe's
-    ticks, OTLP exports) would be charged to far fewer requests than under real load. It is
-    measured idle and taken out: ``net`` is the per-request cost; at real request rates the
-    background work is ``per_second_idle`` / (req/s) per request, next to nothing."""
+def instructions(env: dict[str, str], path: str, requests: int, connections: int) -> Count:
+    """CPU instructions a server executes per request of ``path``, counted by valgrind's
+    callgrind: exact and blind to other processes, unlike time on a shared machine. One server
+    per route (its periods are stretched for that route), ``connections`` keep-alive clients as
+    under wrk (so the one-query route's requests queue for the pool's 20 connections, as they
+    do under load), counting only while they run, every thread included."""
     port, workdir = free_port(), tempfile.mkdtemp(prefix="poolwatch-callgrind-")
     out = os.path.join(workdir, "callgrind.out")
-    env = {**os.environ, **variant_env(variant, dsn, receiver), "POOLWATCH_METRICS_PORT": "0"}
+    env = {**os.environ, **env, "POOLWATCH_METRICS_PORT": "0", "PYTHONHASHSEED": "0"}
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "agent")])
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     cmd += [sys.executable, "-m", "uvicorn", "bench.http_app:app", "--port", str(port)]
@@ -211,63 +225,67 @@ def instructions(variant: str, dsn: str, receiver: str, requests: int) -> dict[s
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
 
-    def counted(work) -> tuple[int, float]:
-        """Instructions the server executed while ``work()`` ran, and the seconds it took."""
-        control("-z")
+    def get_each(client: http.client.HTTPConnection, n: int) -> None:
+        for _ in range(n):
+            client.request("GET", path)
+            response = client.getresponse()
+            response.read()
+            assert response.status == 200, f"{env['BENCH_VARIANT']} {path}: {response.status}"
+
+    def get(n: int) -> int:
+        """``n`` requests spread over the clients, all of them at once (threads)."""
+        each = n // connections
+        threads = [threading.Thread(target=get_each, args=(c, each)) for c in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return each * connections
+
+    try:
+        wait_for_port(port, timeout=600, proc=proc)
+        clients = [
+            http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)
+        ]
+        # Instrumentation on before the warm-up: switching it on drops valgrind's translations,
+        # and the slow re-translation that follows must not fall into the counted window.
         control("-i", "on")
+        get(10 * connections)
+        control("-z")
         start = time.perf_counter()
-        work()
+        done = get(requests)
         seconds = time.perf_counter() - start
-        control("-i", "off")
         control("-d")
         dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
         with open(dumps[-1]) as dump:
             totals = [line for line in dump if line.startswith(("summary:", "totals:"))]
-        return int(totals[-1].split()[1]), seconds
-
-    counts = {}
-    try:
-        wait_for_port(port, timeout=600, proc=proc)
-        client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-        def get(path: str, n: int) -> None:
-            for _ in range(n):
-                client.request("GET", path)
-                response = client.getresponse()
-                response.read()
-                assert response.status == 200, f"{variant} {path}: {response.status}"
-
-        for route, path in ROUTES.items():
-            get(path, 300)  # warm: connections open, caches filled
-            idle, idle_seconds = counted(lambda: time.sleep(IDLE_SECONDS))
-            busy, busy_seconds = counted(lambda path=path: get(path, requests))
-            rate = idle / idle_seconds
-            counts[route] = Count(busy / requests, rate, (busy - rate * busy_seconds) / requests)
+        for client in clients:
+            client.close()
     finally:
         proc.terminate()
         proc.wait(timeout=120)
         shutil.rmtree(workdir, ignore_errors=True)
-    return counts
+    return Count(int(totals[-1].split()[1]) / done, done / seconds)
 
 
-def print_instructions(per_request: dict[str, dict[str, Count]], requests: int) -> None:
+def count_instructions(
+    variants: list[str], results, dsn: str, receiver: str, requests: int, connections: int
+) -> None:
     print(
-        f"\nCPU instructions the server executes (valgrind callgrind, {requests} sequential "
-        "requests per route): per request as counted; per second with no request (background "
-        "work); net per request (background work taken out); ratio: bare's net / the variant's"
+        f"\nCPU instructions the server executes per request (valgrind callgrind, every thread, "
+        f"{requests} requests over {connections} concurrent connections; periods stretched by "
+        "valgrind's slowdown, see stretched()); ratio: bare's / the variant's"
     )
-    for route in ROUTES:
-        title = f"{route} route"
-        print(
-            f"\n{title:<36}{'instr/req':>12}{'idle instr/s':>14}{'net instr/req':>15}{'ratio':>8}"
-        )
-        bare = per_request["bare"][route].net
-        for variant, counts in per_request.items():
-            c = counts[route]
-            print(
-                f"{variant:<36}{c.per_request:>12,.0f}{c.per_second_idle:>14,.0f}"
-                f"{c.net:>15,.0f}{bare / c.net:>8.3f}"
-            )
+    for route, path in ROUTES.items():
+        bare = instructions(variant_env("bare", dsn, receiver), path, requests, connections)
+        stretch = results[route]["bare"][0] / bare.requests_per_second
+        title = f"{route} route (slowdown {stretch:.0f}x)"
+        print(f"\n{title:<36}{'instr/req':>12}{'ratio':>8}")
+        for variant in variants:
+            env = stretched(variant, dsn, receiver, stretch)
+            count = bare if variant == "bare" else instructions(env, path, requests, connections)
+            ratio = bare.per_request / count.per_request
+            print(f"{variant:<36}{count.per_request:>12,.0f}{ratio:>8.3f}")
 
 
 async def in_process(rounds: int, requests: int = 3000) -> None:
@@ -334,8 +352,7 @@ def main(
         if count:
             for server in servers.values():  # valgrind wants the CPU to itself
                 server.stop()
-            per_request = {v: instructions(v, dsn, receiver, count) for v in variants}
-            print_instructions(per_request, count)
+            count_instructions(variants, results, dsn, receiver, count, connections)
     finally:
         for server in servers.values():
             server.stop()
