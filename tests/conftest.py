@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from tests.support.apps import AppServer, start_app
@@ -10,6 +14,27 @@ from tests.support.postgres import Postgres, remove, start_postgres
 
 # every test is scanned for the planted secrets leaking into its outputs (issue 11)
 pytest_plugins = ["tests.support.secret_scan"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the run (app and exporter logs, databases, Prometheus data, the
+    subprocesses' own) goes under one directory, removed at the end unless a test failed."""
+    config.poolwatch_tmp = tempfile.mkdtemp(prefix="poolwatch-tests-")
+    os.chmod(config.poolwatch_tmp, 0o755)  # PostgreSQL runs as its own user: it must get in
+    os.environ["TMPDIR"] = tempfile.tempdir = config.poolwatch_tmp
+
+
+@pytest.hookimpl(trylast=True)  # after the secret scan has read the logs
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = getattr(session.config, "poolwatch_tmp", None)
+    if path is None or not os.path.isdir(path):
+        return
+    if exitstatus == pytest.ExitCode.OK:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"logs and data of this run kept in {path}")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -214,5 +215,6 @@ def serve(duration: float | None, database_url: str | None, port: int, metrics_p
     except KeyboardInterrupt:
         stop.set()
     viewer.join(timeout=5)
+    shutil.rmtree(workdir, ignore_errors=True)  # the embedded SQLite database
     sys.stdout.flush()
     return 0
