@@ -29,7 +29,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = getattr(session.config, "poolwatch_tmp", None)
     if path is None or not os.path.isdir(path):
         return
-    if exitstatus == pytest.ExitCode.OK:
+    if exitstatus == session.exitstatus == pytest.ExitCode.OK:  # the scan may fail it late
         shutil.rmtree(path, ignore_errors=True)
     else:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
