@@ -18,7 +18,7 @@ import pytest
 from tests.support import planted
 from tests.support.load import Sampler
 from tests.support.net import Samples, free_port, scrape
-from tests.support.upstream import Upstream, refusing_socket
+from tests.support.upstream import Upstream, conns, host, refusing_socket
 
 APP = "tests.apps.aiohttp_app:app"
 OPEN = "http_client_open_connections"
@@ -28,14 +28,6 @@ WAIT = "aiohttp_client_connection_wait_time_seconds"
 DURATION = "http_client_connection_duration_seconds"
 ERRORS = "aiohttp_client_errors_total"
 AGENT_ERRORS = "poolwatch_agent_errors_total"
-
-
-def host(port: int) -> dict[str, str]:
-    return {"server_address": "127.0.0.1", "server_port": str(port)}
-
-
-def conns(state: str, port: int) -> dict[str, str]:
-    return {"http_connection_state": state, "url_scheme": "http", **host(port)}
 
 
 def peak(sampler: Sampler, name: str, **labels: str) -> float:

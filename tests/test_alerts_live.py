@@ -22,9 +22,8 @@ from tests.support.alerting import (
 from tests.support.apps import AppServer, start_app
 from tests.support.exporter import run_exporter
 from tests.support.load import burst
-from tests.support.net import free_port, wait_for_port
+from tests.support.net import free_port, wait_for, wait_for_port
 from tests.support.prometheus import Prometheus, start_prometheus
-from tests.support.servers import wait_for
 from tests.support.upstream import Upstream
 
 PHASE = 20.0  # seconds of healthy load; pool exhaustion must fire its alerts within as long

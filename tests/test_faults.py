@@ -18,23 +18,15 @@ import aiohttp
 from tests.support import planted
 from tests.support.apps import without_root_writes
 from tests.support.exporter import run_exporter
-from tests.support.net import free_port, get
+from tests.support.net import free_port, get, wait_for
 from tests.support.planted import with_credentials
-from tests.support.upstream import Upstream, UpstreamProcess
+from tests.support.upstream import Upstream, UpstreamProcess, conns, host
 
 APP = "tests.apps.aiohttp_app:app"
 OK = '{"ok": true}'  # what the upstream answers
 OPEN = "http_client_open_connections"
 ERRORS = "aiohttp_client_errors_total"
 AGENT_ERRORS = "poolwatch_agent_errors_total"
-
-
-def host(port: int) -> dict[str, str]:
-    return {"server_address": "127.0.0.1", "server_port": str(port)}
-
-
-def conns(state: str, port: int) -> dict[str, str]:
-    return {"http_connection_state": state, "url_scheme": "http", **host(port)}
 
 
 async def fetch(url: str) -> tuple[dict, float]:
@@ -157,14 +149,6 @@ async def test_slow_upstream_times_out_as_without_poolwatch(app_server):
 POOL_APP = "tests.apps.pool_app:app"
 
 
-def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.2)
-    return value
-
-
 def test_metrics_port_taken_without_lifespan_serves_the_app_and_says_why(app_server):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -249,17 +233,18 @@ def test_multiproc_directory_unwritable_while_running_degrades_and_recovers(app_
         def workers() -> float:
             return exporter.scrape().value("poolwatch_exporter_workers")
 
-        wait_for(lambda: workers() == 1, what="worker in the sidecar")
+        wait_for(lambda: workers() == 1, 15, "worker in the sidecar")
         directory.chmod(0o555)
         try:
-            wait_for(lambda: workers() == 0, what="stale worker skipped")
+            wait_for(lambda: workers() == 0, 15, "stale worker skipped")
             for _ in range(20):
                 assert get(server.url + "/ok") == '{"ok":true}'
         finally:
             directory.chmod(0o755)
         samples = wait_for(
             lambda: (s := exporter.scrape()).value("poolwatch_exporter_workers") == 1 and s,
-            what="worker back in the sidecar",
+            15,
+            "worker back in the sidecar",
         )
         failed = samples.value("poolwatch_agent_errors_total", probe="exporter", worker="web-1")
         assert failed >= 2  # one failed write a second, each counted

@@ -10,8 +10,6 @@ HTTP requests. The one change is the listen address: the pod listens on 0.0.0.0,
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,11 @@ import yaml
 
 from tests.support import planted
 from tests.support.apps import REPO
-from tests.support.exporter import Exporter, start_workers
+from tests.support.exporter import Exporter, start_poolwatch, start_workers
 from tests.support.helmchart import by_kind, make_app_chart, objects, render
-from tests.support.net import free_port, get, scrape, wait_for_port
+from tests.support.net import free_port, get, scrape, wait_for
 from tests.support.postgres import PASSWORD
-from tests.test_multiproc import wait_for, workers_of
+from tests.test_multiproc import workers_of
 
 TOKEN = planted.METRICS_TOKEN
 
@@ -69,21 +67,7 @@ def run_image(
     (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "poolwatch"]
     log_path = str(log_dir / f"{container['name']}.log")
     clean = {"PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join([REPO, f"{REPO}/agent"])}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "poolwatch", *args],
-            env={**clean, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    exporter = Exporter(proc, port, log_path)
-    try:
-        wait_for_port(port, proc=proc)
-    except Exception:
-        exporter.stop()
-        raise RuntimeError(f"the container did not start:\n{exporter.log()}") from None
-    return exporter
+    return start_poolwatch(args, {**clean, **env}, port, log_path)
 
 
 def probe(exporter: Exporter, container: dict[str, Any]) -> None:

@@ -17,23 +17,13 @@ import pytest
 
 from tests.support import planted
 from tests.support.exporter import PYTHONPATH, run_exporter, start_workers
-from tests.support.net import get
+from tests.support.net import get, wait_for
 
 POOL_SERIES = "db_client_connection_max"
 
 
 def workers_of(samples, name: str = POOL_SERIES) -> set[str]:
     return {s.labels["worker"] for s in samples.find(name)}
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true after {timeout}s: {predicate.__doc__ or predicate}")
 
 
 def parent_pid(pid: int) -> int:

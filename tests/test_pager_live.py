@@ -27,8 +27,8 @@ from tests.support.alerting import (
 from tests.support.apps import AppServer
 from tests.support.exporter import Exporter, run_exporter, start_workers
 from tests.support.load import burst
+from tests.support.net import wait_for
 from tests.support.prometheus import start_prometheus
-from tests.support.servers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP_WAIT, GROUP_INTERVAL = 8, 4  # seconds; the shipped 30s/5m, shortened for the test

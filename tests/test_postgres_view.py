@@ -9,8 +9,9 @@ import psycopg
 
 from tests.support import planted
 from tests.support.exporter import run_exporter, start_workers
+from tests.support.net import wait_for
 from tests.support.postgres import PASSWORD, remove, start_postgres
-from tests.test_multiproc import wait_for, workers_of
+from tests.test_multiproc import workers_of
 
 
 def test_connections_by_application_and_state_then_database_down(tmp_path):

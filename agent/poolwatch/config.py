@@ -61,10 +61,6 @@ def _address(text: str) -> str:
     return text
 
 
-def _text(text: str) -> str:
-    return text
-
-
 def _optional_text(text: str) -> str | None:
     return text or None
 

@@ -14,8 +14,6 @@ from .log import errors
 
 Undo = Callable[[], None]
 
-_MARK = "__poolwatch_original__"
-
 
 def wrap_method(
     cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -24,7 +22,6 @@ def wrap_method(
     had_own = name in vars(cls)
     original = getattr(cls, name)
     wrapper = make(original)
-    setattr(wrapper, _MARK, original)
     for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
         with contextlib.suppress(AttributeError, TypeError):
             setattr(wrapper, attr, getattr(original, attr))
@@ -57,10 +54,6 @@ def watch_new_instances(agent: Any, probe: str, watch: Callable[..., Any]) -> Ca
         return __init__
 
     return make
-
-
-def is_wrapped(func: Any) -> bool:
-    return hasattr(func, _MARK)
 
 
 def subclasses(cls: type) -> list[type]:

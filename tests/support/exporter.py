@@ -45,6 +45,30 @@ def _log_file(prefix: str) -> str:
     return log.name
 
 
+def start_poolwatch(
+    args: list[str],
+    env: dict[str, str],
+    port: int,
+    log_path: str,
+    *,
+    wait: bool = True,
+    prefix: list[str] | None = None,
+) -> Exporter:
+    """``poolwatch ARGS`` with exactly ``env``, its output in ``log_path``; waits until it
+    listens on ``port`` unless ``wait=False``; ``prefix`` goes before the command."""
+    cmd = [*(prefix or []), sys.executable, "-m", "poolwatch", *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    exporter = Exporter(proc, port, log_path)
+    if wait:
+        try:
+            wait_for_port(port, proc=proc)
+        except Exception:
+            exporter.stop()
+            raise RuntimeError(f"poolwatch {args[0]} did not start:\n{exporter.log()}") from None
+    return exporter
+
+
 def run_exporter(
     *args: str,
     env: dict[str, str] | None = None,
@@ -54,20 +78,15 @@ def run_exporter(
     """``poolwatch exporter --port <free> ARGS``; waits until it listens unless ``wait=False``;
     ``prefix`` goes before the command."""
     port = free_port()
-    log_path = _log_file("poolwatch-exporter-")
     full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
-    cmd = [*(prefix or []), sys.executable, "-m", "poolwatch", "exporter", "--port", str(port)]
-    cmd += args
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    exporter = Exporter(proc, port, log_path)
-    if wait:
-        try:
-            wait_for_port(port, proc=proc)
-        except Exception:
-            exporter.stop()
-            raise RuntimeError(f"exporter did not start:\n{exporter.log()}") from None
-    return exporter
+    return start_poolwatch(
+        ["exporter", "--port", str(port), *args],
+        full_env,
+        port,
+        _log_file("poolwatch-exporter-"),
+        wait=wait,
+        prefix=prefix,
+    )
 
 
 class WorkersServer(AppServer):

@@ -1,10 +1,13 @@
-"""Loopback helpers: free ports, waiting for a listener, scraping and reading /metrics."""
+"""Loopback helpers: free ports, waiting for a listener or a condition, scraping and reading
+/metrics."""
 
 from __future__ import annotations
 
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +18,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float = 30.0, what: str = "", interval: float = 0.1
+) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that; fail naming ``what``
+    (else ``check``'s docstring) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    what = what or check.__doc__ or repr(check)
+    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc=None) -> None:

@@ -88,23 +88,6 @@ class Postgres:
             "restart",
         )
 
-    def psql(self, *commands: str) -> str:
-        args = [
-            f"{self.bindir}/psql",
-            "-h",
-            self.host,
-            "-p",
-            str(self.port),
-            "-U",
-            self.user,
-            "-d",
-            "postgres",
-            "-At",
-        ]
-        for command in commands:
-            args += ["-c", command]
-        return self._run(*args).stdout
-
 
 def start_postgres() -> Postgres:
     root = tempfile.mkdtemp(prefix="poolwatch-pg-")

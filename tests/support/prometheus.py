@@ -11,8 +11,8 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from .net import free_port, get
-from .servers import Server, start_server, wait_for
+from .net import free_port, get, wait_for
+from .servers import Server, start_server
 
 
 class PromQLError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Server binaries from Debian packages (Prometheus, Alertmanager) run on loopback, and polling."""
+"""Server binaries from Debian packages (Prometheus, Alertmanager) run on loopback."""
 
 from __future__ import annotations
 
@@ -6,26 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .apps import stop_process
 from .net import get, wait_for_port
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
 
 
 @dataclass

@@ -17,6 +17,16 @@ from aiohttp import web
 from .net import free_port, wait_for_port
 
 
+def host(port: int) -> dict[str, str]:
+    """The labels poolwatch gives an upstream on loopback in the aiohttp series."""
+    return {"server_address": "127.0.0.1", "server_port": str(port)}
+
+
+def conns(state: str, port: int) -> dict[str, str]:
+    """The labels of its ``http_client_open_connections`` in ``state`` (active, idle)."""
+    return {"http_connection_state": state, "url_scheme": "http", **host(port)}
+
+
 async def _slow(request: web.Request) -> web.Response:
     await asyncio.sleep(float(request.query.get("delay", "0.2")))
     return web.json_response({"ok": True})
