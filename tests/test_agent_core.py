@@ -185,3 +185,71 @@ def test_options_override_environment():
     settings = load_settings({"metrics_port": 0}, environ={"POOLWATCH_METRICS_PORT": "1234"})
     assert settings.metrics_port == 0
     assert load_settings(environ={"POOLWATCH_METRICS_PORT": "1234"}).metrics_port == 1234
+
+
+def _wsgi_app(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+class _FlaskLike:
+    def __call__(self, environ, start_response):
+        return _wsgi_app(environ, start_response)
+
+
+@pytest.mark.parametrize(
+    ("app", "says"),
+    [
+        ("hello", "got str 'hello'"),
+        (42, "got int 42"),
+        (_wsgi_app, "like a WSGI application"),
+        (_FlaskLike(), "like a WSGI application"),
+        (pytest.importorskip("fastapi").FastAPI, "pass an instance, e.g. instrument(FastAPI())"),
+    ],
+)
+def test_instrument_refuses_what_is_no_asgi_app_in_one_line(app, says):
+    import poolwatch
+
+    with pytest.raises(TypeError) as error:
+        poolwatch.instrument(app)
+    message = str(error.value)
+    assert "instrument() needs an ASGI application" in message and says in message
+    assert "\n" not in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__ is False
+
+
+def test_bad_setting_value_raises_one_line_without_a_chain(monkeypatch):
+    import poolwatch
+
+    monkeypatch.setenv("POOLWATCH_METRICS_PORT", "abc")
+    with pytest.raises(ConfigError) as error:
+        poolwatch.instrument(_asgi_app)
+    assert str(error.value).startswith("POOLWATCH_METRICS_PORT='abc' is invalid")
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+    # only the frame of the public call: no poolwatch internals in the traceback
+    assert error.traceback[-1].name == "instrument"
+
+
+async def _asgi_app(scope, receive, send):
+    pass
+
+
+def test_registry_option_adds_poolwatch_series_to_the_apps_registry(monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    import poolwatch
+    from poolwatch.agent import agent
+
+    monkeypatch.delenv("POOLWATCH_METRICS_PORT", raising=False)
+    registry = CollectorRegistry()
+    try:
+        poolwatch.instrument(_asgi_app, registry=registry)
+        poolwatch.instrument(_asgi_app, registry=registry)  # again: registered once
+        agent.start()
+        assert agent.metrics_port is None  # the app's /metrics serves them: no second listener
+        text = generate_latest(registry).decode()
+        assert 'poolwatch_build_info{version="' in text
+        assert text.count("# TYPE poolwatch_build_info gauge") == 1
+    finally:
+        poolwatch.uninstrument()
+    assert "poolwatch_build_info" not in generate_latest(registry).decode()

@@ -16,6 +16,7 @@ import urllib.error
 import pytest
 
 from tests.support import planted
+from tests.support.apps import REPO
 from tests.support.exporter import PYTHONPATH, run_exporter, start_workers
 from tests.support.net import get, wait_for
 
@@ -185,42 +186,75 @@ def test_exporter_token_and_bad_input(tmp_path):
     assert planted.BAD_DSN_PASSWORD not in bad_dsn.log()
 
 
-def test_unwritable_directory_stops_the_app_at_start_with_a_clear_message(tmp_path):
+def _unwritable_directory_app(tmp_path, strict: bool) -> subprocess.CompletedProcess:
+    """The pool app on an unwritable POOLWATCH_MULTIPROC_DIR: one request, then it stops."""
     directory = tmp_path / "readonly"
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     directory.chmod(0o555)
-    cmd = [sys.executable, "-m", "uvicorn", "tests.apps.pool_app:app", "--port", "0"]
+    script = f"""
+import asyncio, httpx
+from asgi_lifespan import LifespanManager
+from tests.apps.pool_app import app
+async def main():
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            print("served", (await client.get("/ok")).text, flush=True)
+asyncio.run(main())
+"""
+    cmd = [sys.executable, "-c", script]
     if os.geteuid() == 0:  # root writes anywhere: drop the capability that lets it
         cmd = ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override", *cmd]
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "POOLWATCH_MULTIPROC_DIR": str(directory)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": PYTHONPATH,
+        "POOLWATCH_MULTIPROC_DIR": str(directory),
+        "POOLWATCH_STRICT": "true" if strict else "false",
+    }
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_unwritable_directory_the_app_serves_and_says_why_once(tmp_path):
+    done = _unwritable_directory_app(tmp_path, strict=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert 'served {"ok":true}' in output
+    line = f"POOLWATCH_MULTIPROC_DIR={tmp_path / 'readonly'}: cannot write there"
+    assert output.count(line) == 1, output
+    warning = next(text for text in output.splitlines() if line in text)
+    assert "Make it a directory this process can write" in warning, output
+    assert "Traceback" not in output
+
+
+def test_unwritable_directory_with_strict_stops_start_up(tmp_path):
+    done = _unwritable_directory_app(tmp_path, strict=True)
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert (
-        f"POOLWATCH_MULTIPROC_DIR={directory}: cannot write there (Permission denied). "
-        "Make it a directory this process can write" in output
-    ), output
-    # The first error line is ours, whole (uvicorn then prints its own exit traceback).
-    first_error = next(line for line in output.splitlines() if line.startswith("ERROR"))
-    assert first_error.startswith(f"ERROR:    POOLWATCH_MULTIPROC_DIR={directory}: "), output
-    assert first_error.endswith("to serve /metrics from this process."), output
+    assert "served" not in output
+    assert "cannot write there (Permission denied)" in output, output
 
 
 def test_worker_id_taken_by_a_live_process(tmp_path):
     from poolwatch.agent import Agent, StartupError
+    from poolwatch.log import errors
 
-    first, second = Agent(), Agent()
+    first, second, strict = Agent(), Agent(), Agent()
     options = {"multiproc_dir": str(tmp_path), "worker": "web-1", "metrics_port": 0}
-    first.configure(options)
-    second.configure(options)
+    for agent in (first, second):
+        agent.configure(options)
+    strict.configure({**options, "strict": True})
     first.start()
     try:
+        before = errors.counts["exporter"]
+        second.start()  # degraded: not published, counted
+        assert errors.counts["exporter"] == before + 1
+        second.stop()
         with pytest.raises(StartupError, match=r"POOLWATCH_WORKER=web-1: another live process"):
-            second.start()
+            strict.start()
     finally:
         first.stop()
-    second.start()  # free again once the first stopped
-    second.stop()
+    strict.start()  # free again once the first stopped
+    strict.stop()
 
 
 def test_stale_file_of_a_live_worker_is_skipped(tmp_path):

@@ -181,9 +181,26 @@ def test_bad_metrics_port_fails_at_start_with_one_clear_line(app_server, port):
     assert f"POOLWATCH_METRICS_PORT={port!r} is invalid: expected an integer 0-65535" in message
 
 
-def test_metrics_port_in_use_fails_start_up(app_server):
+def test_metrics_port_in_use_the_app_serves_and_says_why_once(app_server):
     first = app_server(APP)
+    port = first.metrics_port
+    second = app_server(APP, {"POOLWATCH_METRICS_PORT": str(port)}, metrics=False)
+    for _ in range(5):
+        assert get(second.url + "/ok") == '{"ok":true}'
+    log = second.log()
+    line = f"POOLWATCH_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port}"
+    assert log.count(line) == 1, log
+    warning = next(text for text in log.splitlines() if line in text)
+    assert "Choose a free port" in warning  # what is off and the fix, on one line
+    assert "Traceback" not in log
+
+
+def test_metrics_port_in_use_with_strict_stops_start_up(app_server):
+    first = app_server(APP)
+    port = first.metrics_port
     with pytest.raises(RuntimeError) as failure:
-        app_server(APP, {"POOLWATCH_METRICS_PORT": str(first.metrics_port)}, metrics=False)
-    assert f"POOLWATCH_METRICS_PORT={first.metrics_port}: cannot listen on" in str(failure.value)
-    assert "POOLWATCH_MULTIPROC_DIR" in str(failure.value)
+        app_server(
+            APP, {"POOLWATCH_METRICS_PORT": str(port), "POOLWATCH_STRICT": "true"}, metrics=False
+        )
+    assert f"POOLWATCH_METRICS_PORT={port}: cannot listen on" in str(failure.value)
+    assert "POOLWATCH_STRICT=true" in str(failure.value)

@@ -7,8 +7,10 @@ is not installed are skipped, so the agent runs with none of sqlalchemy/asyncpg/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import threading
@@ -35,7 +37,16 @@ PROBE_MODULES: dict[str, tuple[str | None, str]] = {
 
 
 class StartupError(ConfigError):
-    """The agent could not start with these settings (e.g. the metrics port is taken)."""
+    """With ``POOLWATCH_STRICT=true``: the environment kept a part of poolwatch off."""
+
+
+class Unavailable(Exception):
+    """The environment keeps one exporter off (a taken port, a missing extra...). The message is
+    one line: what is off, and the fix."""
+
+    def __init__(self, probe: str, message: str) -> None:
+        super().__init__(message)
+        self.probe = probe
 
 
 class Agent:
@@ -49,6 +60,7 @@ class Agent:
         self._stops: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self.metrics_port: int | None = None  # the bound port, once listening
+        self._registries: list[Any] = []  # the app's prometheus_client registries we are in
         # Module that called instrument(): its package is application code for loop culprits.
         self.app_module: str | None = None
 
@@ -96,16 +108,26 @@ class Agent:
 
     # --- run --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the exporters (called from the app's lifespan, or on first request)."""
+        """Start the exporters (called from the app's lifespan, or on first request).
+
+        What the environment refuses (a taken port, a collector's missing extra, an unwritable
+        directory) turns that exporter off with one warning and a counted error, and the app
+        serves on; with ``POOLWATCH_STRICT=true`` it raises :class:`StartupError` instead.
+        """
         with self._lock:
             if self.started:
                 return
             settings = self.settings or self.configure({})
-            if settings.multiproc_dir:
-                self._start_multiproc(settings)  # `poolwatch exporter` serves this worker
-            else:
-                self._start_prometheus(settings)
-            self._start_otel(settings)
+            self.started = True
+            for start_exporter in (self._start_listener, self._start_otel):
+                try:
+                    start_exporter(settings)
+                except Unavailable as exc:
+                    if settings.strict:
+                        self.started = False
+                        self.stop()
+                        raise StartupError(f"{exc} (POOLWATCH_STRICT=true)") from None
+                    errors.degraded(exc.probe, str(exc))
             for name, module in list(self._probes.items()):
                 if module is not None and hasattr(module, "start"):
                     try:
@@ -115,8 +137,23 @@ class Agent:
                         continue
                     if stop is not None:
                         self._stops.append(stop)
-            self.started = True
-            logger.info("poolwatch started", metrics_port=self.metrics_port, pid=os.getpid())
+            logger.info("poolwatch started", metrics=self.metrics_url, pid=os.getpid())
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this process serves ``/metrics`` (None: it does not)."""
+        settings = self.settings
+        if self.metrics_port is None or settings is None:
+            return None
+        host = settings.metrics_addr
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    def _start_listener(self, settings: Settings) -> None:
+        if settings.multiproc_dir:
+            self._start_multiproc(settings)  # `poolwatch exporter` serves this worker
+        else:
+            self._start_prometheus(settings)
 
     def _start_prometheus(self, settings: Settings) -> None:
         if settings.metrics_port == 0:
@@ -135,11 +172,11 @@ class Agent:
             )
         except OSError as exc:
             where = f"{settings.metrics_addr}:{settings.metrics_port}"
-            raise StartupError(
-                f"POOLWATCH_METRICS_PORT={settings.metrics_port}: cannot listen on {where} "
-                f"({exc.strerror or exc}). Choose a free port, set POOLWATCH_METRICS_PORT=0 to "
-                "turn the listener off, or with several workers set POOLWATCH_MULTIPROC_DIR "
-                "and run `poolwatch exporter`."
+            raise Unavailable(
+                "exporter",
+                f"poolwatch: no /metrics listener: POOLWATCH_METRICS_PORT={settings.metrics_port}: "
+                f"cannot listen on {where} ({exc.strerror or exc}); the app serves on without "
+                "it. Choose a free port, or set POOLWATCH_METRICS_PORT=0 to turn it off.",
             ) from None
         self.metrics_port = server.port
         self._stops.append(server.stop)
@@ -157,38 +194,69 @@ class Agent:
         try:
             publisher = Publisher(directory, worker, lambda: generate_latest(registry))
         except WorkerIdInUse:
-            raise StartupError(
-                f"POOLWATCH_WORKER={worker}: another live process in POOLWATCH_MULTIPROC_DIR="
-                f"{directory} publishes as this worker. Give each worker its own id, or unset "
-                "POOLWATCH_WORKER (the default is the process id)."
+            raise Unavailable(
+                "exporter",
+                f"poolwatch: not published: POOLWATCH_WORKER={worker}: another live process in "
+                f"POOLWATCH_MULTIPROC_DIR={directory} publishes as this worker. Give each worker "
+                "its own id, or unset POOLWATCH_WORKER (the default is the process id).",
             ) from None
         except OSError as exc:
-            raise StartupError(
-                f"POOLWATCH_MULTIPROC_DIR={directory}: cannot write there "
-                f"({exc.strerror or exc}). Make it a directory this process can write (in "
+            raise Unavailable(
+                "exporter",
+                f"poolwatch: not published: POOLWATCH_MULTIPROC_DIR={directory}: cannot write "
+                f"there ({exc.strerror or exc}). Make it a directory this process can write (in "
                 "Kubernetes, an emptyDir mounted in the app and the exporter containers), or "
-                "unset POOLWATCH_MULTIPROC_DIR to serve /metrics from this process."
+                "unset POOLWATCH_MULTIPROC_DIR to serve /metrics from this process.",
             ) from None
         self._stops.append(publisher.stop)
         logger.info("poolwatch publishes for `poolwatch exporter`", path=publisher.path)
 
     def _start_otel(self, settings: Settings) -> None:
-        """OTLP metrics export and tracing mode's tracer provider, when asked for (otel_env)."""
+        """OTLP metrics export and tracing mode's tracer provider, when asked for (otel_env).
+        The ``OTEL_*`` values were checked by ``instrument()``."""
         from . import otel_env
 
+        if otel_env.otlp_wanted(settings):
+            try:
+                from .exporters import otlp
+            except ImportError:
+                raise Unavailable(
+                    "otlp", f"poolwatch: OTLP export is asked for but off: {otel_env.INSTALL}"
+                ) from None
+            self._stops.append(otlp.start(self.registry.collect))
+        if otel_env.tracing_wanted(settings):
+            tracing = _tracing_mode(settings)
+            if tracing is not None:
+                tracing.start()
+
+    def add_registry(self, registry: Any) -> None:
+        """Put poolwatch's collector into the app's own ``prometheus_client`` registry."""
+        from .exporters.prometheus import PoolwatchCollector
+
+        if any(added is registry for added in self._registries):
+            return  # instrument() again (an app built per test): registered already
+        collector = PoolwatchCollector(self.registry_collect)
         try:
-            if otel_env.otlp_wanted(settings):
-                otel_env.check("METRICS")
-                try:
-                    from .exporters import otlp
-                except ImportError:
-                    raise ConfigError(f"OTLP export is on: {otel_env.INSTALL}") from None
-                self._stops.append(otlp.start(self.registry.collect))
-            if otel_env.tracing_wanted(settings):
-                otel_env.check("TRACES")
-                _tracing_mode(settings).start()
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
+            registry.register(collector)
+        except ValueError as exc:  # a name clash: the app's /metrics keeps what it had
+            errors.degraded(
+                "exporter",
+                f"poolwatch: not added to the app's prometheus_client registry ({exc}).",
+            )
+            return
+
+        self._registries.append(registry)
+
+        def undo() -> None:
+            self._registries.remove(registry)
+            with contextlib.suppress(KeyError):
+                registry.unregister(collector)
+
+        self._undos.append(undo)
+
+    def registry_collect(self) -> Any:
+        """The current registry's points (the registry object is replaced by uninstrument())."""
+        return self.registry.collect()
 
     def stop(self) -> None:
         with self._lock:
@@ -220,18 +288,36 @@ class Agent:
 agent = Agent()
 
 
-def instrument(app: Any = None, **options: Any) -> Any:
+def instrument(app: Any = None, *, registry: Any = None, **options: Any) -> Any:
     """Measure every pool, connector and the event loop of this process; serve ``/metrics``.
 
     A Starlette/FastAPI app is instrumented in place and returned; any other ASGI callable is
     returned wrapped. ``instrument()`` with no app only installs the probes (start the exporters
     with the app's lifespan, or call ``poolwatch.agent.agent.start()``).
+
+    ``registry``: a ``prometheus_client`` ``CollectorRegistry`` the app already exposes (e.g.
+    ``prometheus_client.REGISTRY``); poolwatch's series are added to it, and its own listener
+    stays off unless ``metrics_port``/``POOLWATCH_METRICS_PORT`` asks for it.
+
+    Raises ``ConfigError`` (one line) for an invalid setting value and ``TypeError`` for an
+    ``app`` that is no ASGI application; nothing else stops the app.
     """
     from .asgi import PoolwatchMiddleware
 
-    settings = agent.configure(options)
+    if app is not None:
+        _check_asgi(app)
+    explicit_port = "metrics_port" in options or "POOLWATCH_METRICS_PORT" in os.environ
+    if registry is not None and not explicit_port:
+        options["metrics_port"] = 0  # the app's own /metrics shows poolwatch's series
+    try:
+        settings = agent.configure(options)
+        _check_otel_values(settings)
+    except ConfigError as exc:  # one line, no chain of poolwatch's internals
+        raise ConfigError(str(exc)) from None
     agent.app_module = agent.app_module or _caller_module()
     agent.discover()
+    if registry is not None:
+        agent.add_registry(registry)
     if app is None:
         return None
     tracing = _tracing_mode(settings)
@@ -254,8 +340,45 @@ def instrument(app: Any = None, **options: Any) -> Any:
     return tracing.wrap(app) if tracing is not None else app
 
 
+def _check_asgi(app: Any) -> None:
+    """Refuse, in one line, what no ASGI server could serve (instead of failing per request)."""
+    needs = "an ASGI application (an async callable taking scope, receive, send)"
+    if inspect.isclass(app):
+        raise TypeError(
+            f"instrument() needs {needs}, got the class {app.__qualname__}: pass an instance, "
+            f"e.g. instrument({app.__qualname__}())"
+        )
+    if not callable(app):
+        raise TypeError(f"instrument() needs {needs}, got {type(app).__name__} {app!r:.60}")
+    try:
+        parameters = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):  # a C callable without a signature: let it through
+        return
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(positional) == 2 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        raise TypeError(
+            f"instrument() needs {needs}; {type(app).__name__} takes two arguments, like a WSGI "
+            "application (environ, start_response). Serve it through an ASGI adapter such as "
+            "a2wsgi's WSGIMiddleware, and instrument that."
+        )
+
+
+def _check_otel_values(settings: Settings) -> None:
+    """Invalid ``OTEL_*`` values fail now, at ``instrument()``, rather than at the lifespan."""
+    from . import otel_env
+
+    if otel_env.otlp_wanted(settings):
+        otel_env.check("METRICS")
+    if otel_env.tracing_wanted(settings):
+        otel_env.check("TRACES")
+
+
 def _tracing_mode(settings: Settings) -> Any:
-    """The tracing module when tracing mode is on (clear error if its extra is missing)."""
+    """The tracing module when tracing mode is on; None (and one warning) without its extra."""
     from .otel_env import INSTALL, tracing_wanted
 
     if not tracing_wanted(settings):
@@ -263,9 +386,14 @@ def _tracing_mode(settings: Settings) -> Any:
     try:
         from . import tracing
     except ImportError:
-        raise ConfigError(
-            f"tracing is on (POOLWATCH_TRACING/OTEL_TRACES_EXPORTER): {INSTALL}"
-        ) from None
+        message = (
+            "poolwatch: tracing mode is asked for (POOLWATCH_TRACING/OTEL_TRACES_EXPORTER) "
+            f"but off: {INSTALL}"
+        )
+        if settings.strict:
+            raise StartupError(message) from None
+        errors.degraded("otlp", message)
+        return None
     return tracing
 
 

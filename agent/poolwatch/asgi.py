@@ -6,7 +6,7 @@ from typing import Any
 
 from .agent import StartupError, agent
 from .context import request_scope
-from .log import errors
+from .log import errors, logger
 from .probes import http_server
 
 Scope = dict[str, Any]
@@ -23,9 +23,9 @@ class PoolwatchMiddleware:
         if not agent.started and agent.settings is not None:
             try:
                 agent.start()  # the server runs without lifespan: start on first use
-            except StartupError as exc:  # never fail a request for the observer's sake
+            except StartupError as exc:  # strict mode: still never fail a request for it
                 agent.started = True
-                errors.record("exporter", exc)
+                errors.degraded("exporter", str(exc))
         # Leak reports are the only reader of the request scope: no context switch per request
         # unless leak detection is on.
         settings = agent.settings
@@ -46,7 +46,9 @@ class PoolwatchMiddleware:
             if kind == "lifespan.startup.complete" and agent.settings is not None:
                 try:
                     agent.start()  # after the app's own start-up: its pools exist by now
-                except StartupError as exc:
+                except StartupError as exc:  # only with POOLWATCH_STRICT=true
+                    # logged too: some lifespan drivers (asgi-lifespan) drop the message
+                    logger.error(str(exc))
                     message = {"type": "lifespan.startup.failed", "message": str(exc)}
             elif kind == "lifespan.shutdown.complete":
                 agent.stop()

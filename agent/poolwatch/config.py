@@ -98,9 +98,16 @@ SPECS: dict[str, _Spec] = {
     ),
     "http_server_metrics": _Spec("POOLWATCH_HTTP_SERVER_METRICS", _bool, "true or false"),
     "max_routes": _Spec("POOLWATCH_MAX_ROUTES", _positive_int, "an integer >= 1"),
-    "tracing": _Spec("POOLWATCH_TRACING", _bool, "true or false"),
+    "tracing": _Spec(
+        "POOLWATCH_TRACING", _bool, "true or false (unset: on when OTEL_TRACES_EXPORTER names one)"
+    ),
     "otlp": _Spec("POOLWATCH_OTLP", _bool, "true or false"),
     "worker": _Spec("POOLWATCH_WORKER", _optional_text, "a worker id; default: the process id"),
+    "strict": _Spec(
+        "POOLWATCH_STRICT",
+        _bool,
+        "true or false (true: a taken port, a collector down... stop the start-up)",
+    ),
 }
 
 
@@ -117,9 +124,10 @@ class Settings:
     multiproc_dir: str | None = None
     http_server_metrics: bool = True
     max_routes: int = 200
-    tracing: bool = False
+    tracing: bool | None = None  # None: follow OTEL_TRACES_EXPORTER; False always wins
     otlp: bool = False
     worker: str | None = None
+    strict: bool = False
 
     def __repr__(self) -> str:  # never print the token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -171,7 +179,7 @@ def load_settings(
 def _check_typed(name: str, value: Any, spec: _Spec, source: str) -> Any:
     """Options passed as Python values go through the same parser as their text form."""
     if value is None:
-        if name in ("metrics_token", "leak_threshold", "multiproc_dir", "worker"):
+        if name in ("metrics_token", "leak_threshold", "multiproc_dir", "worker", "tracing"):
             return None
         raise ConfigError(f"{source}=None is invalid: expected {spec.allowed}.")
     if isinstance(value, bool):

@@ -42,9 +42,10 @@ def otlp_wanted(settings: Settings, environ: Mapping[str, str] | None = None) ->
 
 
 def tracing_wanted(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
-    """``tracing=True``/``POOLWATCH_TRACING``, or ``OTEL_TRACES_EXPORTER`` set to an exporter."""
+    """``tracing=True``/``POOLWATCH_TRACING=true``, or, with it unset, ``OTEL_TRACES_EXPORTER`` set
+    to an exporter. ``POOLWATCH_TRACING=false`` always wins."""
     environ = os.environ if environ is None else environ
-    if sdk_disabled(environ):
+    if sdk_disabled(environ) or settings.tracing is False:
         return False
     return settings.tracing or bool(_names(environ, "OTEL_TRACES_EXPORTER") - {"none"})
 
