@@ -191,7 +191,7 @@ def _unwritable_directory_app(tmp_path, strict: bool) -> subprocess.CompletedPro
     directory = tmp_path / "readonly"
     directory.mkdir(exist_ok=True)
     directory.chmod(0o555)
-    script = f"""
+    script = """
 import asyncio, httpx
 from asgi_lifespan import LifespanManager
 from tests.apps.pool_app import app
