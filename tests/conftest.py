@@ -15,6 +15,9 @@ from tests.support.postgres import Postgres, remove, start_postgres
 # every test is scanned for the planted secrets leaking into its outputs (issue 11)
 pytest_plugins = ["tests.support.secret_scan"]
 
+# the shop app's own suite is a separate project (its own pytest.ini): test_app_suite runs it
+collect_ignore = ["apps/shop"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every temporary file of the run (app and exporter logs, databases, Prometheus data, the
