@@ -383,6 +383,10 @@ def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(tmp_path):
             for sm in rm.scope_metrics
             for m in sm.metrics
         )
+        joined = otlp.join(provider, agent.registry_collect)  # joined again: build_info once
+        build_info = _collected(cumulative_reader)["poolwatch"]["poolwatch.build_info"]
+        assert len(build_info.data.data_points) == 1
+        joined.close()
         engine.dispose()
     finally:
         poolwatch.uninstrument()
@@ -427,7 +431,8 @@ def test_an_unknown_sdk_shape_degrades_with_one_warning(monkeypatch, capsys):
     assert agent._join(provider, load_settings({}, environ={})) is False
     assert agent._join(provider, load_settings({}, environ={})) is False
     assert errors.counts["otlp"] == before + 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if "MeterProvider" in x]
+    captured = capsys.readouterr()  # stdout too: the app may have configured structlog
+    lines = [x for x in (captured.err + captured.out).splitlines() if "MeterProvider" in x]
     assert len(lines) == 1 and "internals are unknown" in lines[0]
 
     monkeypatch.setattr(otlp, "KNOWN_SDK", ((0, 1), (0, 2)))  # a version not checked
@@ -450,5 +455,6 @@ def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
     finally:
         poolwatch.uninstrument()
     assert errors.counts["otlp"] == before + 1
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if "OTLP export" in x]
+    captured = capsys.readouterr()  # stdout too: the app may have configured structlog
+    (line,) = [x for x in (captured.err + captured.out).splitlines() if "OTLP export" in x]
     assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in line and "pip install 'poolwatch[otel]'" in line

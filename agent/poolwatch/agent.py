@@ -316,7 +316,9 @@ class Agent:
         except ValueError as exc:  # a name clash: the app's /metrics keeps what it had
             errors.degraded(
                 "exporter",
-                f"poolwatch: not added to the app's prometheus_client registry ({exc}).",
+                f"poolwatch: its series are not in the app's prometheus_client registry ({exc}); "
+                "the app's /metrics is as it was. Rename the app's series of that name, or serve "
+                "poolwatch's from its own listener (POOLWATCH_METRICS_PORT).",
             )
             return
 

@@ -5,7 +5,8 @@
 (OpenTelemetry's Prometheus exporter on an SDK MeterProvider the app sets, with the FastAPI
 instrumentation). ``POOLWATCH_REGISTRY=default`` (the default) calls
 ``instrument(app, registry=prometheus_client.REGISTRY)``; ``none`` calls ``instrument(app)`` (with
-``otel_prometheus``, poolwatch then finds the exporter's registry through the MeterProvider).
+``otel_prometheus``, poolwatch then finds the exporter's registry through the MeterProvider);
+``off`` leaves poolwatch out (the same app without it).
 ``CLASH=1`` registers a gauge of poolwatch's name first. Run with ``TEST_APP_BARE=1`` so that
 ``pool_app`` does not instrument the app itself.
 """
@@ -45,7 +46,8 @@ elif lib == "otel_prometheus":
 else:
     raise SystemExit(f"METRICS_LIB={lib!r}: unknown")
 
-if os.environ.get("POOLWATCH_REGISTRY", "default") == "default":
+mode = os.environ.get("POOLWATCH_REGISTRY", "default")
+if mode == "default":
     instrument(app, registry=REGISTRY)
-else:
+elif mode == "none":
     instrument(app)

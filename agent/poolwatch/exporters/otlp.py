@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -244,18 +245,25 @@ class Joined:
         found = readers(provider)  # UnknownShape before anything is changed
         self._collect = collect
         self._undos: list[Undo] = []
-        self.closed = False
         self.readers = len(found)
         self.prometheus_registries = []
-        meter = provider.get_meter(SCOPE, __version__)
+        # An observable instrument cannot be removed from a provider: it is made once per
+        # provider, and observes nothing while no Joined of that provider is open.
+        opened = _opened.get(provider)
+        if opened is None:
+            opened = _opened[provider] = []
 
-        def build_info(options: CallbackOptions) -> list[Observation]:
-            return [] if self.closed else [Observation(1, {"version": __version__})]
+            def build_info(options: CallbackOptions) -> list[Observation]:
+                return [Observation(1, {"version": __version__})] if opened else []
 
-        # An observable instrument cannot be removed from a provider: closed, it observes nothing.
-        meter.create_observable_gauge(
-            BUILD_INFO.name, [build_info], unit=BUILD_INFO.unit, description=BUILD_INFO.description
-        )
+            provider.get_meter(SCOPE, __version__).create_observable_gauge(
+                BUILD_INFO.name,
+                [build_info],
+                unit=BUILD_INFO.unit,
+                description=BUILD_INFO.description,
+            )
+        opened.append(self)
+        self._undos.append(lambda: opened.remove(self))
         for reader in found:
             registry = prometheus_registry(reader)
             if registry is not None:
@@ -308,10 +316,12 @@ class Joined:
         self._undos.append(lambda: _unset(exporter, "export", export))
 
     def close(self) -> None:
-        self.closed = True
         undos, self._undos = self._undos, []
         for undo in reversed(undos):
             undo()
+
+
+_opened: weakref.WeakKeyDictionary[MeterProvider, list[Joined]] = weakref.WeakKeyDictionary()
 
 
 def _unset(obj: Any, name: str, wrapper: Any) -> None:
