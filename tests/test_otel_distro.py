@@ -9,6 +9,7 @@ same app without poolwatch (``TEST_APP_BARE=1``).
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import sys
@@ -208,11 +209,16 @@ def test_a_provider_the_app_sets_in_its_lifespan_gets_poolwatchs_metrics(app_ser
     assert attributes(resource_metrics.resource.attributes)["service.name"] == "otel-app"
     found = instruments(export)  # fails on a name exported twice
     assert found["db.client.connection.wait_time"][0] == "poolwatch"
-    # FastAPI's own OpenTelemetry support records the HTTP metrics into that provider
-    assert found["http.server.request.duration"][0] == "fastapi"
     log = server.log()
     assert "join the app's MeterProvider" in log
-    assert "step aside: FastAPI's own OpenTelemetry telemetry" in log
+    from fastapi import FastAPI
+
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        # FastAPI's own OpenTelemetry support records the HTTP metrics into that provider
+        assert found["http.server.request.duration"][0] == "fastapi"
+        assert "step aside: FastAPI's own OpenTelemetry telemetry" in log
+    else:  # nothing of OpenTelemetry records them: poolwatch's stay
+        assert found["http.server.request.duration"][0] == "poolwatch"
 
 
 @pytest.mark.parametrize("otel_app", ["instrument_app", "asgi_middleware"])
@@ -458,3 +464,39 @@ def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
     captured = capsys.readouterr()  # stdout too: the app may have configured structlog
     (line,) = [x for x in (captured.err + captured.out).splitlines() if "OTLP export" in x]
     assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in line and "pip install 'poolwatch[otel]'" in line
+
+
+def test_what_counts_as_opentelemetry_already_serving_the_app():
+    from fastapi import FastAPI
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from starlette.applications import Starlette
+
+    from poolwatch import tracing
+    from poolwatch.otel_env import otel_http_instrumentation as serving
+
+    async def raw(scope, receive, send):
+        pass
+
+    assert serving(raw) is None
+    assert serving(tracing.layer(raw)) is None  # poolwatch's own tracing layer is not one
+    assert "wrapping the app" in serving(OpenTelemetryMiddleware(raw))
+    starlette = Starlette()
+    assert serving(starlette) is None
+    starlette.add_middleware(OpenTelemetryMiddleware)
+    assert "user_middleware" in serving(starlette)
+    if "telemetry" in inspect.signature(FastAPI).parameters:  # FastAPI's own OpenTelemetry
+        native = FastAPI()  # on by default
+        assert "FastAPI's own" in serving(native, "metrics")
+        assert "FastAPI's own" in serving(native, "traces")
+        quiet = FastAPI(telemetry={"tracing": False})
+        assert serving(quiet, "traces") is None and serving(quiet, "metrics")
+    else:
+        quiet = FastAPI()
+        assert serving(quiet, "traces") is None
+    FastAPIInstrumentor.instrument_app(quiet)
+    try:
+        assert serving(quiet, "traces") == "OpenTelemetry's FastAPI instrumentation"
+    finally:
+        FastAPIInstrumentor.uninstrument_app(quiet)
+    assert serving(quiet, "traces") is None
