@@ -264,14 +264,18 @@ class Joined:
             )
         opened.append(self)
         self._undos.append(lambda: opened.remove(self))
-        for reader in found:
-            registry = prometheus_registry(reader)
-            if registry is not None:
-                self.prometheus_registries.append(registry)
-                self._wrap(reader, None)
-            else:
-                self._wrap(reader, Points(temporality(reader)))
-                self._count_failures(reader)
+        try:
+            for reader in found:
+                registry = prometheus_registry(reader)
+                if registry is not None:
+                    self.prometheus_registries.append(registry)
+                    self._wrap(reader, None)
+                else:
+                    self._wrap(reader, Points(temporality(reader)))
+                    self._count_failures(reader)
+        except (AttributeError, TypeError) as exc:  # e.g. a reader with __slots__
+            self.close()
+            raise UnknownShape(f"{type(exc).__name__}: {exc}") from None
 
     def _wrap(self, reader: MetricReader, points: Points | None) -> None:
         original = reader._receive_metrics
