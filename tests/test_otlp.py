@@ -292,7 +292,7 @@ def spans(receiver: OtlpReceiver) -> list:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "soon"),
     ],
@@ -333,11 +333,12 @@ def test_when_otlp_export_is_on(otlp_option, environ, wanted):
 @pytest.mark.parametrize(
     ("tracing_option", "environ", "wanted"),
     [
-        (False, {}, False),
+        (None, {}, False),
         (True, {}, True),
-        (False, {"OTEL_TRACES_EXPORTER": "otlp"}, True),
-        (False, {"OTEL_TRACES_EXPORTER": "none"}, False),
-        (False, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),  # metrics only
+        (None, {"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        (False, {"OTEL_TRACES_EXPORTER": "otlp"}, False),  # POOLWATCH_TRACING=false always wins
+        (None, {"OTEL_TRACES_EXPORTER": "none"}, False),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),  # metrics only
     ],
 )
 def test_when_tracing_mode_is_on(tracing_option, environ, wanted):

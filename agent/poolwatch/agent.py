@@ -14,6 +14,7 @@ import inspect
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,9 @@ class Agent:
         self._lock = threading.RLock()
         self.metrics_port: int | None = None  # the bound port, once listening
         self._registries: list[Any] = []  # the app's prometheus_client registries we are in
+        self.port_explicit = False  # metrics_port/POOLWATCH_METRICS_PORT given at instrument()
+        self._apps: list[weakref.ref[Any]] = []  # the apps instrument() was given
+        self.joined: Any = None  # exporters.otlp.Joined: the MeterProvider poolwatch is in
         # Module that called instrument(): its package is application code for loop culprits.
         self.app_module: str | None = None
 
@@ -119,7 +123,9 @@ class Agent:
                 return
             settings = self.settings or self.configure({})
             self.started = True
-            for start_exporter in (self._start_listener, self._start_otel):
+            # OTel first: joining the app's MeterProvider may put poolwatch's collector into the
+            # registry of OpenTelemetry's Prometheus exporter (then no listener of its own)
+            for start_exporter in (self._start_otel, self._start_listener):
                 try:
                     start_exporter(settings)
                 except Unavailable as exc:
@@ -128,6 +134,7 @@ class Agent:
                         self.stop()
                         raise StartupError(f"{exc} (POOLWATCH_STRICT=true)") from None
                     errors.degraded(exc.probe, str(exc))
+            self._beside_otel_instrumentation()
             for name, module in list(self._probes.items()):
                 if module is not None and hasattr(module, "start"):
                     try:
@@ -156,8 +163,8 @@ class Agent:
             self._start_prometheus(settings)
 
     def _start_prometheus(self, settings: Settings) -> None:
-        if settings.metrics_port == 0:
-            return
+        if settings.metrics_port == 0 or (self._registries and not self.port_explicit):
+            return  # off, or the app's own /metrics shows poolwatch's series
         from prometheus_client import CollectorRegistry
 
         from .exporters.prometheus import MetricsServer, PoolwatchCollector, metrics_app
@@ -212,22 +219,90 @@ class Agent:
         logger.info("poolwatch publishes for `poolwatch exporter`", path=publisher.path)
 
     def _start_otel(self, settings: Settings) -> None:
-        """OTLP metrics export and tracing mode's tracer provider, when asked for (otel_env).
-        The ``OTEL_*`` values were checked by ``instrument()``."""
+        """Metrics into the app's OpenTelemetry MeterProvider when it has one (the distro's, or
+        one the app set before its start-up ended), else OTLP export through poolwatch's own
+        when asked for (otel_env); tracing mode's tracer provider. The ``OTEL_*`` values were
+        checked by ``instrument()``."""
         from . import otel_env
 
-        if otel_env.otlp_wanted(settings):
+        provider = otel_env.app_meter_provider()
+        joined = provider is not None and self._join(provider, settings)
+        if not joined and otel_env.otlp_wanted(settings):
             try:
                 from .exporters import otlp
-            except ImportError:
+
+                stop = otlp.start(self.registry_collect)
+            except ImportError as exc:
                 raise Unavailable(
-                    "otlp", f"poolwatch: OTLP export is asked for but off: {otel_env.INSTALL}"
+                    "otlp",
+                    f"poolwatch: OTLP export is asked for but off ({exc.name or exc} is missing "
+                    f"for OTEL_EXPORTER_OTLP_PROTOCOL={otel_env.protocol('METRICS')}): "
+                    f"{otel_env.INSTALL}",
                 ) from None
-            self._stops.append(otlp.start(self.registry.collect))
+            self._stops.append(stop)
         if otel_env.tracing_wanted(settings):
             tracing = _tracing_mode(settings)
             if tracing is not None:
                 tracing.start()
+
+    def _join(self, provider: Any, settings: Settings) -> bool:
+        """Put poolwatch's metrics into the app's ``provider``; False if its shape is unknown."""
+        from .exporters import otlp
+
+        try:
+            joined = otlp.join(provider, self.registry_collect)
+        except otlp.UnknownShape as exc:
+            message = (
+                f"poolwatch: not in the app's OpenTelemetry MeterProvider: its internals are "
+                f"unknown ({exc}); poolwatch exports through a MeterProvider of its own when "
+                "OTLP is asked for. Use an opentelemetry-sdk 1.x from 1.25 on."
+            )
+            if settings.strict:
+                raise Unavailable("otlp", message) from None
+            errors.degraded("otlp", message)
+            return False
+        self.joined = joined
+
+        def leave() -> None:
+            joined.close()
+            self.joined = None
+
+        self._stops.append(leave)
+        for registry in joined.prometheus_registries:  # OpenTelemetry's Prometheus exporter
+            self.add_registry(registry)
+        logger.info("poolwatch's metrics join the app's MeterProvider", readers=joined.readers)
+        return True
+
+    def _beside_otel_instrumentation(self) -> None:
+        """Where OpenTelemetry's HTTP instrumentation already serves the app, it owns the server
+        span (never renamed by poolwatch) and, when its metrics go to an SDK MeterProvider,
+        ``http.server.*``: poolwatch's own would record every request twice there."""
+        from . import otel_env
+        from .probes import http_server
+
+        stats = http_server.stats
+        apps = [app for ref in self._apps if (app := ref()) is not None]
+
+        def instrumented(signal: str) -> str | None:
+            return next(
+                (w for app in apps if (w := otel_env.otel_http_instrumentation(app, signal))), None
+            )
+
+        if stats is None:
+            return
+        if instrumented("traces"):
+            stats.on_route = None
+        who = instrumented("metrics")
+        recording = otel_env.app_meter_provider() is not None and (
+            self.joined is None or self.joined.readers > 0
+        )
+        if who and recording:
+            http_server.stats = None
+            self.registry.remove(stats)
+            logger.info(
+                f"poolwatch: http.server.* metrics step aside: {who} records them into the "
+                "app's MeterProvider (one series per request, not two)"
+            )
 
     def add_registry(self, registry: Any) -> None:
         """Put poolwatch's collector into the app's own ``prometheus_client`` registry."""
@@ -241,7 +316,9 @@ class Agent:
         except ValueError as exc:  # a name clash: the app's /metrics keeps what it had
             errors.degraded(
                 "exporter",
-                f"poolwatch: not added to the app's prometheus_client registry ({exc}).",
+                f"poolwatch: its series are not in the app's prometheus_client registry ({exc}); "
+                "the app's /metrics is as it was. Rename the app's series of that name, or serve "
+                "poolwatch's from its own listener (POOLWATCH_METRICS_PORT).",
             )
             return
 
@@ -277,6 +354,8 @@ class Agent:
             self._probes.clear()
             self.settings = None
             self.app_module = None
+            self._apps.clear()
+            self.port_explicit = False
             self.registry = Registry()
         for undo in reversed(undos):
             try:
@@ -307,6 +386,7 @@ def instrument(app: Any = None, *, registry: Any = None, **options: Any) -> Any:
     if app is not None:
         _check_asgi(app)
     explicit_port = "metrics_port" in options or "POOLWATCH_METRICS_PORT" in os.environ
+    agent.port_explicit = agent.port_explicit or explicit_port
     if registry is not None and not explicit_port:
         options["metrics_port"] = 0  # the app's own /metrics shows poolwatch's series
     try:
@@ -320,6 +400,9 @@ def instrument(app: Any = None, *, registry: Any = None, **options: Any) -> Any:
         agent.add_registry(registry)
     if app is None:
         return None
+    with contextlib.suppress(TypeError):  # an app that cannot be weakly referenced
+        if not any(ref() is app for ref in agent._apps):
+            agent._apps.append(weakref.ref(app))
     tracing = _tracing_mode(settings)
     if tracing is not None:
         from .probes import http_server
@@ -329,15 +412,15 @@ def instrument(app: Any = None, *, registry: Any = None, **options: Any) -> Any:
         added = {m.cls for m in app.user_middleware}
         if PoolwatchMiddleware not in added:
             app.add_middleware(PoolwatchMiddleware)
-        if tracing is not None and tracing.MIDDLEWARE not in added:
-            app.add_middleware(tracing.MIDDLEWARE, **tracing.OPTIONS)  # outside poolwatch's
+        if tracing is not None and tracing.layer not in added:
+            app.add_middleware(tracing.layer, owner=app)  # outside poolwatch's
         return app
     if isinstance(app, PoolwatchMiddleware) or isinstance(
         getattr(app, "app", None), PoolwatchMiddleware
     ):
         return app  # instrumented already (in tracing mode, inside OpenTelemetry's middleware)
-    app = PoolwatchMiddleware(app)
-    return tracing.wrap(app) if tracing is not None else app
+    wrapped = PoolwatchMiddleware(app)
+    return tracing.layer(wrapped, owner=app) if tracing is not None else wrapped
 
 
 def _check_asgi(app: Any) -> None:

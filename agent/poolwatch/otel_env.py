@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError, Settings
@@ -50,6 +53,24 @@ def tracing_wanted(settings: Settings, environ: Mapping[str, str] | None = None)
     return settings.tracing or bool(_names(environ, "OTEL_TRACES_EXPORTER") - {"none"})
 
 
+PROTOCOLS = ("http/protobuf", "grpc")  # what the SDK's OTLP exporters speak (no http/json)
+# gRPC target names besides host[:port]: dns:[//authority/]host[:port], unix:path, ipv4:, ipv6:...
+_GRPC_TARGET = re.compile(
+    r"^((dns|unix|unix-abstract|ipv4|ipv6|vsock):\S+|[^\s/:]+(:\d+)?|\[[0-9a-fA-F:.]+\](:\d+)?)$"
+)
+
+
+def protocol(signal: str, environ: Mapping[str, str] | None = None) -> str:
+    """The OTLP protocol of ``signal`` (METRICS or TRACES): the signal's own variable, else
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``, else http/protobuf (the specification's default; the
+    ``opentelemetry-instrument`` distro sets grpc)."""
+    environ = os.environ if environ is None else environ
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if environ.get(name, "").strip():
+            return environ[name].strip()
+    return "http/protobuf"
+
+
 def check(signal: str, environ: Mapping[str, str] | None = None) -> None:
     """Fail at start-up, one line naming the variable, for a value the SDK would ignore with a
     warning (and export nowhere, or every 60 s instead of what was asked). ``signal``: METRICS
@@ -57,21 +78,27 @@ def check(signal: str, environ: Mapping[str, str] | None = None) -> None:
     environ = os.environ if environ is None else environ
     for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         value = environ.get(name)
-        if value:
-            if value.strip() != "http/protobuf":
+        if value and value.strip():
+            if value.strip() not in PROTOCOLS:
                 raise ConfigError(
-                    f"{name}={value!r} is not supported: poolwatch exports OTLP over HTTP "
-                    "(http/protobuf, port 4318). Set it to http/protobuf or unset it."
+                    f"{name}={value!r} is not supported: expected grpc (port 4317) or "
+                    "http/protobuf (port 4318). Fix or unset it."
                 )
             break
+    grpc = protocol(signal, environ) == "grpc"
     for name in (f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
         value = environ.get(name)
         if value:
             parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if parts.scheme in ("http", "https"):
+                valid = bool(parts.hostname)
+            else:  # the gRPC exporter also takes a gRPC target: host:port, dns:///host:port...
+                valid = grpc and bool(_GRPC_TARGET.match(value))
+            if not valid:
+                example = "otel-collector:4317" if grpc else "http://otel-collector:4318"
                 raise ConfigError(
-                    f"{name}={value!r} is invalid: expected an http:// or https:// URL, "
-                    "e.g. http://otel-collector:4318. Fix or unset it."
+                    f"{name}={value!r} is invalid: expected an http:// or https:// URL"
+                    f"{' or a gRPC target' if grpc else ''}, e.g. {example}. Fix or unset it."
                 )
             break
     timeouts = [f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
@@ -90,6 +117,52 @@ def check(signal: str, environ: Mapping[str, str] | None = None) -> None:
             raise ConfigError(
                 f"{name}={value!r} is invalid: expected a number of {unit} > 0. Fix or unset it."
             )
+
+
+def app_meter_provider() -> Any:
+    """The app's global OpenTelemetry SDK ``MeterProvider`` (set by the distro or the app), or
+    None. Imports nothing: without the SDK imported, none can be set."""
+    if "opentelemetry.sdk.metrics" not in sys.modules or sdk_disabled():
+        return None
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    provider = metrics.get_meter_provider()
+    return provider if isinstance(provider, MeterProvider) else None
+
+
+def otel_http_instrumentation(app: Any, signal: str = "metrics") -> str | None:
+    """What of OpenTelemetry already makes ``app``'s server spans (``signal="traces"``) or
+    records its ``http.server.*`` metrics (``"metrics"``), for a log line; None if nothing:
+
+    - the FastAPI (or Starlette) instrumentation: the distro patches the class, or
+      ``instrument_app()``; both set ``_is_instrumented_by_opentelemetry``;
+    - FastAPI's own OpenTelemetry support (``FastAPI(telemetry=...)``, on by default where the
+      ``opentelemetry`` API is installed: it records once a provider is set);
+    - an ``OpenTelemetryMiddleware`` among the app's middleware, or wrapping the app.
+    """
+    if getattr(app, "_is_instrumented_by_opentelemetry", False) is True:
+        kind = "FastAPI" if "fastapi" in type(app).__module__ else type(app).__name__
+        return f"OpenTelemetry's {kind} instrumentation"
+    native = getattr(app, "_telemetry", None)  # private to FastAPI: read, never written
+    wanted = "tracing" if signal == "traces" else "metrics"
+    if hasattr(app, "_native_telemetry") and isinstance(native, dict) and native.get(wanted):
+        return "FastAPI's own OpenTelemetry telemetry"
+    asgi = sys.modules.get("opentelemetry.instrumentation.asgi")
+    if asgi is None:  # not imported: no OpenTelemetryMiddleware can be in use
+        return None
+    middleware = asgi.OpenTelemetryMiddleware
+    for entry in getattr(app, "user_middleware", None) or ():
+        cls = getattr(entry, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, middleware):
+            return "OpenTelemetry's ASGI middleware (in app.user_middleware)"
+    for _ in range(32):  # an ASGI app wrapped in middleware objects, each holding .app
+        if isinstance(app, middleware) and type(app).__module__ == middleware.__module__:
+            return "OpenTelemetry's ASGI middleware (wrapping the app)"
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
 
 
 def export_timeout(environ: Mapping[str, str] | None = None) -> float:

@@ -4,6 +4,11 @@
 HTTP metrics are sent to a no-op meter: poolwatch records ``http.server.*`` itself, so the series
 keep their names and labels in either mode, never appear twice (at a collector that also gets
 the app's global MeterProvider), and the SDK ``Histogram.record`` stays off the request path.
+
+Where OpenTelemetry's own instrumentation already serves the app (the ``opentelemetry-instrument``
+distro with the FastAPI instrumentation, ``instrument_app``, an ``OpenTelemetryMiddleware``), it
+owns the server span: tracing mode adds nothing, and never renames that span (the FastAPI
+instrumentation names it by route itself; two owners of one name would fight over it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.metrics import NoOpMeterProvider
 
 from .config import ConfigError
+from .log import logger
+from .otel_env import otel_http_instrumentation, protocol
 from .probes.http_server import METHODS, OTHER, HttpServerStats
 
 
@@ -33,7 +40,6 @@ def name_span(method: str, route: str) -> None:
         span.set_attribute("http.route", route)
 
 
-MIDDLEWARE = OpenTelemetryMiddleware
 OPTIONS: dict[str, Any] = {
     "meter_provider": NoOpMeterProvider(),
     "default_span_details": _span_details,
@@ -41,9 +47,28 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-def wrap(app: Any) -> Any:
-    """Outside poolwatch's middleware, whose response start names the span (still open then)."""
-    return OpenTelemetryMiddleware(app, **OPTIONS)
+class TracingLayer(OpenTelemetryMiddleware):
+    """OpenTelemetry's ASGI middleware, unless a span is already current when a request gets
+    here: then an outer layer (OpenTelemetry's own instrumentation wrapping the app) made the
+    server span, and this one would only add an INTERNAL duplicate of it."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if trace.get_current_span() is not trace.INVALID_SPAN:
+            await self.app(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def layer(app: Any, owner: Any = None) -> Any:
+    """Tracing mode's middleware around ``app`` (outside poolwatch's, whose response start names
+    the span, still open then). Starlette calls it when it builds the middleware stack, at the
+    first request or lifespan: an OpenTelemetry instrumentation applied to ``owner`` after
+    ``instrument()`` is seen too. Where one is active, no layer is added (one server span)."""
+    who = otel_http_instrumentation(owner if owner is not None else app, "traces")
+    if who is not None:
+        logger.info(f"poolwatch: tracing mode adds no ASGI middleware: {who} makes the spans")
+        return app
+    return TracingLayer(app, **OPTIONS)
 
 
 def install(stats: HttpServerStats | None) -> None:
@@ -53,9 +78,9 @@ def install(stats: HttpServerStats | None) -> None:
 
 def start() -> None:
     """Give the app an SDK tracer provider if it has none yet (an app or ``opentelemetry-
-    instrument`` that configured its own keeps it). Exporters from ``OTEL_TRACES_EXPORTER``
-    (``otlp``, the default, over HTTP; ``console``; ``none``); sampler from ``OTEL_TRACES_SAMPLER``.
-    Set once per process; the SDK flushes it at exit."""
+    instrument`` that configured its own keeps it). Exporters from ``OTEL_TRACES_EXPORTER``:
+    ``otlp`` (the default; over ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``), ``console``, ``none``;
+    sampler from ``OTEL_TRACES_SAMPLER``. Set once per process; the SDK flushes it at exit."""
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return
     from opentelemetry.sdk.trace import TracerProvider
@@ -72,7 +97,10 @@ def start() -> None:
         )
     provider = TracerProvider(resource=resource())
     if "otlp" in names:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        if protocol("TRACES") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if "console" in names:

@@ -72,7 +72,8 @@ def start_app(
     prefix: list[str] | None = None,
 ) -> AppServer:
     """``target`` is ``module:attr`` (e.g. ``tests.apps.pool_app:app``) served by uvicorn;
-    ``prefix`` goes before the command (e.g. ``without_root_writes()``)."""
+    ``prefix`` goes before the command (e.g. ``without_root_writes()``); a variable given as
+    None in ``env`` is left unset."""
     port, metrics_port = free_port(), free_port()
     full_env = {
         **os.environ,
@@ -81,6 +82,7 @@ def start_app(
         "POOLWATCH_METRICS_PORT": str(metrics_port if metrics else 0),
     }
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: leave it unset
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the app's log outlives this function
         prefix="poolwatch-app-", suffix=".log", delete=False
     )

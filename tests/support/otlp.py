@@ -95,3 +95,81 @@ def attributes(key_values) -> dict:
         kind = kv.value.WhichOneof("value")
         out[kv.key] = getattr(kv.value, kind)
     return out
+
+
+class GrpcReceiver:
+    """A real OTLP/gRPC receiver on loopback (what the ``opentelemetry-instrument`` distro sends
+    by default): ``grpcio`` serving the collector's metrics, trace and logs services on its own
+    threads. Use as a context manager; ``stop()`` makes it a collector that is down."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.metrics: list[tuple[float, ExportMetricsServiceRequest]] = []  # (received at, body)
+        self.traces: list[ExportTraceServiceRequest] = []
+        self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> GrpcReceiver:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+        from opentelemetry.proto.collector.metrics.v1 import (
+            metrics_service_pb2,
+            metrics_service_pb2_grpc,
+        )
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                receiver.metrics.append((time.monotonic(), request))
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                receiver.traces.append(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+            def Export(self, request, context):
+                return logs_service_pb2.ExportLogsServiceResponse()
+
+        self._server = grpc.server(ThreadPoolExecutor(4))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait(5)
+            self._server = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def export_after(self, moment: float, timeout: float = 20.0) -> ExportMetricsServiceRequest:
+        """The first metrics export received after ``moment`` (``time.monotonic()``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for received, body in list(self.metrics):
+                if received > moment:
+                    return body
+            time.sleep(0.05)
+        raise TimeoutError(f"no OTLP metrics export after {timeout}s ({len(self.metrics)} before)")
+
+    def spans(self) -> list:
+        return [
+            span
+            for request in list(self.traces)
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]

@@ -22,9 +22,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from ..metrics import BUCKETS, COUNTER, HISTOGRAM, HistogramValue, Point, prom_label
+from .. import metrics
+from ..metrics import BUCKETS, COUNTER, HISTOGRAM, HistogramValue, Metric, Point, prom_label
 
 _LE = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]
+# What an agent's registry can hold: the contract less the sidecar's own (`poolwatch exporter`)
+AGENT_METRICS = [
+    m
+    for m in vars(metrics).values()
+    if isinstance(m, Metric)
+    and m is not metrics.EXPORTER_WORKERS
+    and not m.name.startswith("postgresql.")
+]
 
 
 def families(
@@ -65,6 +74,16 @@ class PoolwatchCollector:
 
     def collect(self) -> Iterator[PromFamily]:
         yield from families(self._collect(), self._labels)
+
+    def describe(self) -> Iterator[PromFamily]:
+        """Every family poolwatch may show, without values: a registry that already has one of
+        these names refuses poolwatch's collector at ``register()`` (a clash found at start-up,
+        not as a duplicate family in a scrape that Prometheus would then reject)."""
+        for metric in AGENT_METRICS:
+            kind = {COUNTER: CounterMetricFamily, HISTOGRAM: HistogramMetricFamily}.get(
+                metric.kind, GaugeMetricFamily
+            )
+            yield kind(metric.prom_name, metric.description, labels=[])
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -1,0 +1,502 @@
+"""poolwatch under OpenTelemetry: the ``opentelemetry-instrument`` distro with its defaults (OTLP
+over gRPC, the FastAPI instrumentation), a MeterProvider the app sets itself, and OTLP over gRPC
+when poolwatch makes the provider.
+
+The app runs in real uvicorn on a real PostgreSQL; a real OTLP/gRPC receiver (grpcio and
+``opentelemetry-proto``) gets what the SDK's exporters send. Each fault is compared with the
+same app without poolwatch (``TEST_APP_BARE=1``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import statistics
+import sys
+import time
+import urllib.error
+
+import pytest
+
+from tests.support.net import free_port, get, wait_for
+from tests.support.otlp import GrpcReceiver, attributes, instruments
+
+APP = "tests.apps.http_app:app"
+DISTRO = [os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")]
+SERVER, INTERNAL = 2, 1  # SpanKind in opentelemetry-proto
+DELTA = 1  # AggregationTemporality in opentelemetry-proto
+PATHS = ["/users/1", "/sa/query", "/apg/query", "/users/2", "/nope"]
+
+
+def distro_env(receiver: GrpcReceiver, postgres, **extra: str) -> dict[str, str]:
+    """Only what points the distro at the receiver (its defaults otherwise: otlp exporters for
+    traces, metrics and logs, over gRPC)."""
+    return {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "ASYNCPG_DSN": postgres.dsn(),
+        "OTEL_SERVICE_NAME": "shop-api",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        **extra,
+    }
+
+
+def status(url: str) -> int:
+    try:
+        get(url)
+        return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def requests_counted(export, name: str) -> int:
+    """How many requests ``name`` (an HTTP duration histogram) counts in one export."""
+    found = instruments(export).get(name)
+    return sum(p.count for p in found[1].histogram.data_points) if found else 0
+
+
+@pytest.mark.parametrize(
+    ("semconv", "tracing", "duration"),
+    [
+        ("http", None, "http.server.request.duration"),  # the stable HTTP conventions
+        ("", "false", "http.server.duration"),  # the instrumentation's default (old names)
+    ],
+    ids=["stable-semconv", "POOLWATCH_TRACING=false"],
+)
+def test_under_the_distro_one_provider_and_one_server_span(
+    app_server, postgres, semconv, tracing, duration
+):
+    extra = {"OTEL_SEMCONV_STABILITY_OPT_IN": semconv}
+    if tracing is not None:
+        extra["POOLWATCH_TRACING"] = tracing
+    with GrpcReceiver() as receiver:
+        server = app_server(APP, distro_env(receiver, postgres, **extra), prefix=DISTRO)
+        statuses = [status(server.url + path) for path in PATHS * 4]
+        assert statuses == [200, 200, 200, 200, 404] * 4  # the app started, and serves
+        sent = time.monotonic()
+        export = wait_for(
+            lambda: next(
+                (
+                    body
+                    for at, body in list(receiver.metrics)
+                    if at > sent and requests_counted(body, duration) == 20
+                ),
+                None,
+            ),
+            what=f"an export counting the 20 requests in {duration}",
+        )
+        wait_for(lambda: len([s for s in receiver.spans() if s.kind == SERVER]) >= 20)
+        scraped = server.scrape()
+
+    # one request holds the app's resource, the app's own metrics and poolwatch's
+    (resource_metrics,) = export.resource_metrics
+    resource = attributes(resource_metrics.resource.attributes)
+    assert resource["service.name"] == "shop-api"
+    assert resource["telemetry.auto.version"]  # the distro's resource: the app's, not a second
+    found = instruments(export)  # fails on a name exported twice
+    scopes = {name: scope for name, (scope, _) in found.items()}
+    assert scopes["db.client.connection.count"] == "poolwatch"
+    assert scopes["asyncio.event_loop.lag"] == "poolwatch"
+    assert scopes[duration] == "opentelemetry.instrumentation.fastapi"
+    assert scopes["http.server.active_requests"] == "opentelemetry.instrumentation.fastapi"
+    pools = {
+        attributes(p.attributes)["db.client.connection.pool.name"]
+        for p in found["db.client.connection.count"][1].sum.data_points
+    }
+    assert pools == {f"127.0.0.1:{postgres.port}/app", f"127.0.0.1:{postgres.port}/app#2"}
+    waits = found["db.client.connection.wait_time"][1].histogram.data_points
+    assert sum(p.count for p in waits) == 8  # 4 SQLAlchemy + 4 asyncpg checkouts
+
+    # every request: one SERVER span, and no INTERNAL span of the same name (a second middleware)
+    spans = receiver.spans()
+    server_spans = [s for s in spans if s.kind == SERVER]
+    assert len(server_spans) == 20
+    assert {s.name for s in server_spans} == {"GET /users/{user_id}", "GET /sa/query"} | {
+        "GET /apg/query",
+        "GET",  # the unmatched path: the FastAPI instrumentation names it by the method
+    }
+    names = {s.name for s in server_spans}
+    assert not [s for s in spans if s.kind == INTERNAL and s.name in names]
+
+    # poolwatch's own /metrics: the pools and the loop; its http.server series stepped aside
+    assert scraped.find("db_client_connection_count")
+    assert scraped.find("asyncio_event_loop_lag_seconds_count")
+    assert not [s for s in scraped.samples if s.name.startswith("http_server")]
+    log = server.log()
+    assert log.count("http.server.* metrics step aside") == 1
+    assert "not supported" not in log and "Traceback" not in log
+
+
+def test_delta_temporality_of_the_apps_exporter_is_honoured(app_server, postgres):
+    """``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta``: poolwatch's counters and
+    histograms arrive as deltas too, and the deltas add up to what happened."""
+    extra = {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"}
+    with GrpcReceiver() as receiver:
+        server = app_server(APP, distro_env(receiver, postgres, **extra), prefix=DISTRO)
+        for _ in range(3):
+            assert [status(server.url + "/sa/query") for _ in range(5)] == [200] * 5
+            time.sleep(0.4)  # spread over several exports
+        started = time.monotonic()
+        receiver.export_after(started)
+        last = receiver.export_after(time.monotonic())  # one more: everything was sent
+        exports = [body for _, body in list(receiver.metrics)]
+    waits, timeouts, fastapi = 0, 0, 0
+    for export in exports:
+        found = instruments(export)
+        wait = found["db.client.connection.wait_time"][1].histogram
+        assert wait.aggregation_temporality == DELTA
+        waits += sum(p.count for p in wait.data_points)
+        timeout = found["db.client.connection.timeouts"][1].sum
+        assert timeout.aggregation_temporality == DELTA and timeout.is_monotonic
+        timeouts += sum(p.as_int or p.as_double for p in timeout.data_points)
+        if "http.server.duration" in found:
+            fastapi += sum(p.count for p in found["http.server.duration"][1].histogram.data_points)
+    assert waits == 15 and timeouts == 0 and fastapi == 15
+    # what is not a counter stays as it was: the pool's current connections
+    count = instruments(last)["db.client.connection.count"][1].sum
+    assert count.aggregation_temporality == 2 and not count.is_monotonic
+
+
+def test_a_collector_that_is_down_costs_the_app_nothing_and_is_counted(app_server, postgres):
+    """The same app under the distro, with and without poolwatch, exporting to a port where
+    nothing listens: both serve every request alike; poolwatch counts the failed exports."""
+
+    class Down:
+        endpoint = f"http://127.0.0.1:{free_port()}"
+
+    env = distro_env(Down, postgres, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    watched = app_server(APP, env, prefix=DISTRO)
+    bare = app_server(APP, {**env, "TEST_APP_BARE": "1"}, prefix=DISTRO, metrics=False)
+
+    def latencies(url: str, n: int = 40) -> list[float]:
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            assert status(url + "/users/1") == 200
+            out.append(time.perf_counter() - start)
+        return out
+
+    wait_for(
+        lambda: watched.scrape().value("poolwatch_agent_errors_total", probe="otlp") >= 1,
+        what="a failed export counted",
+    )
+    base, with_poolwatch = [], []
+    for _ in range(3):  # interleaved rounds while exports keep failing
+        base += latencies(bare.url)
+        with_poolwatch += latencies(watched.url)
+    assert [status(watched.url + p) for p in PATHS] == [status(bare.url + p) for p in PATHS]
+    assert statistics.median(with_poolwatch) < statistics.median(base) * 1.5 + 0.002
+    assert max(with_poolwatch) < 1.0  # no request waited on an export
+    log = watched.log()
+    assert log.count("poolwatch hook failed") <= 1  # logged once, counted every time
+
+
+def test_a_provider_the_app_sets_in_its_lifespan_gets_poolwatchs_metrics(app_server, postgres):
+    """No distro: the app's lifespan sets an SDK MeterProvider (OTLP over gRPC) before start-up
+    ends; poolwatch's metrics go out in its export requests, with its resource."""
+    with GrpcReceiver() as receiver:
+        env = {
+            "SA_URL": postgres.dsn("postgresql+asyncpg"),
+            "OTEL_APP": "lifespan_provider",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        }
+        server = app_server("tests.apps.otel_app:app", env)
+        assert [status(server.url + "/sa/query") for _ in range(3)] == [200] * 3
+        export = receiver.export_after(time.monotonic())
+    (resource_metrics,) = export.resource_metrics
+    assert attributes(resource_metrics.resource.attributes)["service.name"] == "otel-app"
+    found = instruments(export)  # fails on a name exported twice
+    assert found["db.client.connection.wait_time"][0] == "poolwatch"
+    log = server.log()
+    assert "join the app's MeterProvider" in log
+    from fastapi import FastAPI
+
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        # FastAPI's own OpenTelemetry support records the HTTP metrics into that provider
+        assert found["http.server.request.duration"][0] == "fastapi"
+        assert "step aside: FastAPI's own OpenTelemetry telemetry" in log
+    else:  # nothing of OpenTelemetry records them: poolwatch's stay
+        assert found["http.server.request.duration"][0] == "poolwatch"
+
+
+@pytest.mark.parametrize("otel_app", ["instrument_app", "asgi_middleware"])
+def test_tracing_mode_adds_no_second_server_span(app_server, postgres, otel_app):
+    """OpenTelemetry's instrumentation applied by the app's code after ``instrument(app)``, and
+    tracing mode asked for: one SERVER span per request, and no INTERNAL twin."""
+    with GrpcReceiver() as receiver:
+        env = {
+            "OTEL_APP": otel_app,
+            "POOLWATCH_TRACING": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        server = app_server("tests.apps.otel_app:app", env)
+        assert [status(server.url + f"/users/{n}") for n in range(5)] == [200] * 5
+        wait_for(lambda: len([s for s in receiver.spans() if s.kind == SERVER]) >= 5)
+        time.sleep(0.5)  # a second span of a request would have arrived by now
+        export = receiver.export_after(time.monotonic())
+    spans = receiver.spans()
+    server_spans = [s for s in spans if s.kind == SERVER]
+    assert len(server_spans) == 5
+    names = {s.name for s in server_spans}
+    assert not [s for s in spans if s.kind == INTERNAL and s.name in names]
+    assert len({s.trace_id for s in server_spans}) == 5
+    found = instruments(export)  # fails on a name exported twice
+    assert found["http.server.active_requests"][0].startswith("opentelemetry.instrumentation")
+    assert "tracing mode adds no ASGI middleware" in server.log()
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc",
+        },
+    ],
+    ids=["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"],
+)
+def test_poolwatchs_own_provider_exports_over_grpc(app_server, postgres, variables):
+    with GrpcReceiver() as receiver:
+        env = {
+            "SA_URL": postgres.dsn("postgresql+asyncpg"),
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_SERVICE_NAME": "grpc-app",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"127.0.0.1:{receiver.port}",  # a gRPC target
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            **variables,
+        }
+        server = app_server(APP, env)
+        assert [status(server.url + "/sa/query") for _ in range(4)] == [200] * 4
+        export = receiver.export_after(time.monotonic())
+    (resource_metrics,) = export.resource_metrics
+    assert attributes(resource_metrics.resource.attributes)["service.name"] == "grpc-app"
+    found = instruments(export)
+    assert {scope for scope, _ in found.values()} == {"poolwatch"}
+    waits = found["db.client.connection.wait_time"][1].histogram.data_points
+    assert sum(p.count for p in waits) == 4
+    assert found["http.server.request.duration"][0] == "poolwatch"
+    assert "Traceback" not in server.log()
+
+
+# --- in process: the settings, joining a provider, what degrades ------------------------------
+@pytest.mark.parametrize(
+    ("environ", "error"),
+    [
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, None),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL='http/json'"),
+        ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc "}, None),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+            },
+            None,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "[::1]:4317"},
+            None,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "dns:///c:4317"},
+            None,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c"},
+            None,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT='http://'",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "a b:4317"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT='a b:4317'",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "expected an http:// or https://"),
+    ],
+)
+def test_otlp_settings_accept_what_the_exporters_accept(environ, error):
+    from poolwatch.config import ConfigError
+    from poolwatch.otel_env import check
+
+    if error is None:
+        check("METRICS", environ)
+    else:
+        with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("(", r"\(")):
+            check("METRICS", environ)
+
+
+def _collected(reader) -> dict:
+    """scope name -> {metric name: Metric} of one collection of an InMemoryMetricReader."""
+    data = reader.get_metrics_data()
+    return {
+        sm.scope.name: {m.name: m for m in sm.metrics}
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+    }
+
+
+def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(tmp_path):
+    from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+    from sqlalchemy import create_engine, text
+
+    import poolwatch
+    from poolwatch.agent import agent
+    from poolwatch.exporters import otlp
+
+    delta = {Counter: AggregationTemporality.DELTA, Histogram: AggregationTemporality.DELTA}
+    cumulative_reader, delta_reader = InMemoryMetricReader(), InMemoryMetricReader(delta)
+    provider = MeterProvider(metric_readers=[cumulative_reader, delta_reader])
+    poolwatch.instrument(metrics_port=0)
+    try:
+        joined = otlp.join(provider, agent.registry_collect)
+        engine = create_engine(f"sqlite:///{tmp_path}/j.db", pool_logging_name="joined")
+
+        def checkouts(n: int) -> None:
+            for _ in range(n):
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+
+        def wait_count(reader) -> tuple[int, int]:
+            metric = _collected(reader)["poolwatch"]["db.client.connection.wait_time"]
+            (point,) = metric.data.data_points
+            return metric.data.aggregation_temporality, point.count
+
+        checkouts(3)
+        assert wait_count(cumulative_reader) == (AggregationTemporality.CUMULATIVE, 3)
+        assert wait_count(delta_reader) == (AggregationTemporality.DELTA, 3)
+        checkouts(2)
+        assert wait_count(cumulative_reader) == (AggregationTemporality.CUMULATIVE, 5)
+        assert wait_count(delta_reader) == (AggregationTemporality.DELTA, 2)
+        build_info = _collected(cumulative_reader)["poolwatch"]["poolwatch.build_info"]
+        assert build_info.data.data_points[0].attributes == {"version": poolwatch.__version__}
+
+        joined.close()  # the readers are as they were
+        assert "_receive_metrics" not in vars(cumulative_reader)
+        checkouts(1)
+        data = cumulative_reader.get_metrics_data()
+        assert data is None or not any(
+            m.name == "db.client.connection.wait_time"
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+        )
+        joined = otlp.join(provider, agent.registry_collect)  # joined again: build_info once
+        build_info = _collected(cumulative_reader)["poolwatch"]["poolwatch.build_info"]
+        assert len(build_info.data.data_points) == 1
+        joined.close()
+        engine.dispose()
+    finally:
+        poolwatch.uninstrument()
+        provider.shutdown()
+
+
+def test_opentelemetrys_prometheus_reader_gets_poolwatchs_collector_not_its_points():
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from poolwatch.agent import agent
+    from poolwatch.exporters import otlp
+
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    provider.get_meter("app").create_counter("orders").add(2)
+    joined = otlp.join(provider, agent.registry_collect)
+    try:
+        assert joined.prometheus_registries == [registry]
+        text = generate_latest(registry).decode()
+        assert "orders_total" in text and "poolwatch" not in text
+    finally:
+        joined.close()
+        provider.shutdown()
+
+
+def test_an_unknown_sdk_shape_degrades_with_one_warning(monkeypatch, capsys):
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from poolwatch.agent import Agent
+    from poolwatch.config import load_settings
+    from poolwatch.exporters import otlp
+    from poolwatch.log import errors
+
+    provider = MeterProvider()
+    monkeypatch.delattr(provider, "_measurement_consumer")
+    with pytest.raises(otlp.UnknownShape):
+        otlp.join(provider, list)
+    before = errors.counts["otlp"]
+    agent = Agent()
+    assert agent._join(provider, load_settings({}, environ={})) is False
+    assert agent._join(provider, load_settings({}, environ={})) is False
+    assert errors.counts["otlp"] == before + 2
+    captured = capsys.readouterr()  # stdout too: the app may have configured structlog
+    lines = [x for x in (captured.err + captured.out).splitlines() if "MeterProvider" in x]
+    assert len(lines) == 1 and "internals are unknown" in lines[0]
+
+    monkeypatch.setattr(otlp, "KNOWN_SDK", ((0, 1), (0, 2)))  # a version not checked
+    with pytest.raises(otlp.UnknownShape):
+        otlp.join(MeterProvider(), list)
+
+
+def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
+    import poolwatch
+    from poolwatch.agent import agent
+    from poolwatch.log import errors
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    before = errors.counts["otlp"]
+    poolwatch.instrument(metrics_port=0, otlp=True)
+    try:
+        agent.start()  # serves on
+        assert agent.started
+    finally:
+        poolwatch.uninstrument()
+    assert errors.counts["otlp"] == before + 1
+    captured = capsys.readouterr()  # stdout too: the app may have configured structlog
+    (line,) = [x for x in (captured.err + captured.out).splitlines() if "OTLP export" in x]
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in line and "pip install 'poolwatch[otel]'" in line
+
+
+def test_what_counts_as_opentelemetry_already_serving_the_app():
+    from fastapi import FastAPI
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from starlette.applications import Starlette
+
+    from poolwatch import tracing
+    from poolwatch.otel_env import otel_http_instrumentation as serving
+
+    async def raw(scope, receive, send):
+        pass
+
+    assert serving(raw) is None
+    assert serving(tracing.layer(raw)) is None  # poolwatch's own tracing layer is not one
+    assert "wrapping the app" in serving(OpenTelemetryMiddleware(raw))
+    starlette = Starlette()
+    assert serving(starlette) is None
+    starlette.add_middleware(OpenTelemetryMiddleware)
+    assert "user_middleware" in serving(starlette)
+    if "telemetry" in inspect.signature(FastAPI).parameters:  # FastAPI's own OpenTelemetry
+        native = FastAPI()  # on by default
+        assert "FastAPI's own" in serving(native, "metrics")
+        assert "FastAPI's own" in serving(native, "traces")
+        quiet = FastAPI(telemetry={"tracing": False})
+        assert serving(quiet, "traces") is None and serving(quiet, "metrics")
+    else:
+        quiet = FastAPI()
+        assert serving(quiet, "traces") is None
+    FastAPIInstrumentor.instrument_app(quiet)
+    try:
+        assert serving(quiet, "traces") == "OpenTelemetry's FastAPI instrumentation"
+    finally:
+        FastAPIInstrumentor.uninstrument_app(quiet)
+    assert serving(quiet, "traces") is None
