@@ -8,7 +8,6 @@ next pool made with the same DSN gets it again) and drops the last reference poo
 
 from __future__ import annotations
 
-import gc
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -131,8 +130,12 @@ def install(agent: Agent) -> list[Undo]:
     return undos
 
 
-def existing_pools() -> list[Pool]:
-    return [obj for obj in gc.get_objects() if isinstance(obj, Pool) and not obj.is_closing()]
+WATCHES = Pool  # pools made before instrument() are found by the agent's one heap walk
+
+
+def watch_existing(agent: Agent, pool: Pool) -> None:
+    if not pool.is_closing():
+        watch(agent, pool)
 
 
 def pool_name(pool: Pool) -> str:

@@ -14,7 +14,6 @@ callback). So an app that makes and disposes its engine at each start-up keeps o
 
 from __future__ import annotations
 
-import gc
 import os
 import weakref
 from time import perf_counter
@@ -117,9 +116,11 @@ def install(agent: Agent) -> list[Undo]:
     return undos
 
 
-def existing_engines() -> list[Engine]:
-    """Engines created before ``instrument()``: a one-off heap walk at start-up."""
-    return [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+WATCHES = Engine  # engines made before instrument() are found by the agent's one heap walk
+
+
+def watch_existing(agent: Agent, engine: Engine) -> None:
+    watch(agent, engine)
 
 
 def pool_name(engine: Engine) -> str:
