@@ -140,6 +140,7 @@ def _route(frames: list[FrameType]) -> str | None:
     middleware's frame on the blocked stack (nothing is recorded per request to make this work).
     A contextvar would not do: another thread cannot read the loop thread's context."""
     from ..asgi import PoolwatchMiddleware
+    from .http_server import route_template
 
     code = PoolwatchMiddleware.__call__.__code__
     for f in frames:
@@ -147,7 +148,7 @@ def _route(frames: list[FrameType]) -> str | None:
             scope = f.f_locals.get("scope")
             if not isinstance(scope, dict):
                 return None
-            path = getattr(scope.get("route"), "path", None)  # the template, never the raw path
+            path = route_template(scope)  # the template, never the raw path
             return f"{scope.get('method', '')} {path}".strip() if path else None
     return None
 
