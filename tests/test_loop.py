@@ -18,7 +18,7 @@ import poolwatch
 from poolwatch.agent import agent
 from poolwatch.metrics import AGENT_ERRORS, LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS
 from poolwatch.probes import loop as loop_probe
-from poolwatch.probes.loop import APP, LIBRARY, STDLIB, code_kind, sample_stack
+from poolwatch.probes.loop import APP, LIBRARY, STDLIB, _library_call, code_kind, sample_stack
 from tests.support.load import burst
 from tests.support.net import Samples, free_port, get, wait_for_port
 
@@ -436,3 +436,48 @@ def test_culprit_rule():
     demo = frozenset({"poolwatch.demo"})
     assert code_kind(f"{site}/poolwatch/demo.py", "poolwatch.demo", demo) == APP
     assert code_kind(f"{site}/poolwatch/asgi.py", "poolwatch.asgi", demo) == STDLIB
+
+
+MACHINE = ("cpu-starved", "gil-starved", "unknown")  # stalls the machine or threads caused
+
+
+def test_a_library_only_block_gets_the_same_culprit_every_run(app_server):
+    """The first /openapi.json of a FastAPI app builds the schema on the loop, deep inside
+    pydantic (no frame of the app's own): five fresh apps, one culprit, the library call that
+    the framework made."""
+    culprits = []
+    for _ in range(5):
+        server = app_server("tests.apps.openapi_app:app", {"POOLWATCH_BLOCK_THRESHOLD": "0.05"})
+        assert get(f"{server.url}/openapi.json", timeout=30).startswith("{")
+        lines = wait_for(
+            lambda server=server: [
+                line for line in server.log().splitlines() if "event loop blocked" in line
+            ],
+            bool,
+        )
+        culprits += [re.search(r"culprit=(\S+)", line)[1] for line in lines]
+        server.stop()
+    named = [c for c in culprits if c not in MACHINE]
+    assert set(named) == {"fastapi.openapi.utils:get_openapi"}, culprits
+    assert len(named) >= 3, culprits  # the rest: this VM's CPU stalls, labelled as such
+
+
+def test_library_call_rule():
+    """Innermost first: the outermost library frame under the innermost framework frame."""
+    lib, std = LIBRARY, STDLIB
+    modules = [
+        "pydantic._internal._generate_schema",
+        "pydantic.json_schema",
+        "json",
+        "fastapi.openapi.utils",
+        "fastapi.applications",
+        "starlette.routing",
+        "starlette_exporter.middleware",  # a middleware library outside the framework frame
+        "uvicorn.protocols.http.httptools_impl",
+    ]
+    kinds = [lib, lib, std, lib, lib, lib, lib, lib]
+    assert modules[_library_call(kinds, modules)] == "fastapi.openapi.utils"
+    # only the standard library between the framework and the block: its outermost frame
+    assert _library_call([std, std, lib], ["json.encoder", "json", "starlette.responses"]) == 1
+    # the block is in the framework itself: its innermost library frame, as before
+    assert _library_call([std, lib, lib], ["asyncio.events", "starlette.routing", "uvicorn"]) == 1

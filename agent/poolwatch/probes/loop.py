@@ -96,8 +96,8 @@ def sample_stack(
 ) -> Sample:
     """Name the culprit of a stack, innermost frame first (see :func:`code_kind`).
 
-    No application frame (a library blocked on its own): the innermost frame outside the
-    standard library and poolwatch, else the innermost frame. None when the loop was in its own
+    No application frame (a library blocked on its own): the outermost library call under the
+    framework (:func:`_library_call`). None when the loop was in its own
     machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
     ``runner``, the frame running the loop), where only the machine can stall it.
     """
@@ -108,18 +108,55 @@ def sample_stack(
     while f is not None and len(frames) < 256:
         frames.append(f)
         f = f.f_back
+    modules = [f.f_globals.get("__name__", "") for f in frames]
     kinds = [
-        code_kind(f.f_code.co_filename, f.f_globals.get("__name__", ""), app_packages)
-        for f in frames
+        code_kind(f.f_code.co_filename, m, app_packages)
+        for f, m in zip(frames, modules, strict=True)
     ]
-    index = next(
-        (i for i, kind in enumerate(kinds) if kind == APP),
-        next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0),
-    )
+    index = next((i for i, kind in enumerate(kinds) if kind == APP), None)
+    if index is None:
+        index = _library_call(kinds, modules)
     lines = [f"{_where(f)}:{f.f_lineno}" for f in frames[: index + 3]]
     if len(lines) > STACK_SHOWN:
         lines = [*lines[:3], "...", *lines[-(STACK_SHOWN - 4) :]]
     return Sample(due, _where(frames[index]), lines, _route(frames))
+
+
+# The layers that call into the code being served (servers, ASGI, routing, the loop itself):
+# a library-only block is blamed on the outermost frame called by one of them.
+FRAMEWORK = (
+    "uvicorn",
+    "gunicorn",
+    "hypercorn",
+    "starlette",
+    "fastapi.applications",
+    "fastapi.routing",
+    "anyio",
+    "asyncio",
+    "uvloop",
+    "h11",
+    "httptools",
+    "poolwatch",
+)
+
+
+def _framework(module: str) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in FRAMEWORK)
+
+
+def _library_call(kinds: list[str], modules: list[str]) -> int:
+    """The frame to blame when no application frame is on the stack (innermost first): the
+    outermost library frame of the run of frames above the innermost framework frame, e.g.
+    ``fastapi.openapi.utils:get_openapi`` for a schema build deep in pydantic. Where the sampler
+    catches the inner frames changes from one block to the next; that call does not, so the
+    same block gets the same culprit and the culprit cap is not used up."""
+    end = next((i for i, module in enumerate(modules) if _framework(module)), len(modules))
+    library = [i for i in range(end) if kinds[i] == LIBRARY]
+    if library:
+        return library[-1]
+    if end:
+        return end - 1  # only the standard library above the framework (json.dumps...)
+    return next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0)
 
 
 def _in_loop_machinery(frame: FrameType, runner: tuple[int, object]) -> bool:
