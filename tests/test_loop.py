@@ -481,3 +481,58 @@ def test_library_call_rule():
     assert _library_call([std, std, lib], ["json.encoder", "json", "starlette.responses"]) == 1
     # the block is in the framework itself: its innermost library frame, as before
     assert _library_call([std, lib, lib], ["asyncio.events", "starlette.routing", "uvicorn"]) == 1
+
+
+def burn(until: float) -> None:
+    while time.monotonic() < until:
+        sum(range(1000))  # pure Python: holds the GIL but for the switch interval
+
+
+def sleepy() -> None:
+    time.sleep(0.3)  # a blocking call: the loop's code, whatever the other threads do
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="needs Linux schedstat")
+def test_a_loop_starved_of_the_gil_is_labelled(clean_agent, monkeypatch):
+    """Threadpool threads running Python code (sync routes, run_in_threadpool) keep the loop's
+    thread waiting for the GIL: those stalls say so. A blocking call of the loop's own during
+    the same contention is still blamed on its code."""
+    monkeypatch.setenv("POOLWATCH_BLOCK_THRESHOLD", "0.05")
+    phases: dict[str, list] = {}
+
+    async def main() -> None:
+        stop = poolwatch.watch_event_loop()
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.2)
+        with structlog.testing.capture_logs() as phases["threadpool"]:
+            until = time.monotonic() + 2.0
+
+            async def serve() -> None:  # a loop with a little work, like a server's
+                while time.monotonic() < until:
+                    sum(range(200))
+                    await asyncio.sleep(0)
+
+            burners = [loop.run_in_executor(None, burn, until) for _ in range(8)]
+            await asyncio.gather(*(serve() for _ in range(4)), *burners)
+            await asyncio.sleep(0.2)
+        with structlog.testing.capture_logs() as phases["blocking call"]:
+            until = time.monotonic() + 1.5
+            burners = [loop.run_in_executor(None, burn, until) for _ in range(2)]
+            for _ in range(3):
+                await asyncio.sleep(0.1)
+                sleepy()
+            await asyncio.gather(*burners)
+            await asyncio.sleep(0.2)
+        phases["metric"] = points(LOOP_BLOCKS)
+        stop()
+
+    run("asyncio", main)
+    starved = [e for e in phases["threadpool"] if e.get("culprit") == "gil-starved"]
+    assert starved, phases["threadpool"]
+    for event in starved:
+        assert "waited for the GIL" in event["hint"] and event["other_threads_cpu_s"] > 0
+        assert event["ran_s"] + event["waited_for_cpu_s"] < event["duration_s"] / 2
+    blocked = [e.get("culprit") for e in phases["blocking call"] if "culprit" in e]
+    assert blocked.count("tests.test_loop:sleepy") >= 2, blocked
+    logged = [e for e in phases["threadpool"] + phases["blocking call"] if "culprit" in e]
+    assert phases["metric"][("gil-starved",)] == sum(e["culprit"] == "gil-starved" for e in logged)

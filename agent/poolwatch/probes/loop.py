@@ -17,6 +17,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from time import perf_counter
@@ -36,6 +37,8 @@ PROBE = "loop"
 OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
 UNKNOWN = "unknown"  # the block ended before the watchdog could sample the stack
 CPU_STARVED = "cpu-starved"  # the loop's thread was runnable but got no CPU (limits, busy node)
+GIL_STARVED = "gil-starved"  # the loop's thread waited for the GIL other threads held
+MACHINE = (UNKNOWN, CPU_STARVED, GIL_STARVED)  # labels that name no code: never capped
 TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tasks)
 STACK_SHOWN = 8  # frames in the log line's short stack
 
@@ -82,6 +85,13 @@ _DISPATCH = (
     asyncio.events.Handle._run.__code__,
     asyncio.base_events.BaseEventLoop._run_once.__code__,
 )
+
+
+class Cpu(NamedTuple):
+    ran: float  # the loop thread's seconds on a CPU
+    waited: float  # ...runnable, waiting for a CPU
+    slices: int  # ...times put on a CPU
+    process: float  # the process's CPU seconds, all threads
 
 
 class Sample(NamedTuple):
@@ -218,7 +228,7 @@ class LoopWatch:
         self._native_id: int | None = None
         self.runner: tuple[int, object] = (0, None)  # (id, code) of the frame running the loop
         self._schedstat: int | None = None  # fd of the loop thread's /proc schedstat (Linux)
-        self._cpu_ref: tuple[float, float] | None = None  # its schedstat, last seen healthy
+        self._cpu_ref: Cpu | None = None  # its CPU accounting, last seen healthy
         self._due = float("inf")  # perf_counter() when the pending tick should run
         self._handle: asyncio.TimerHandle | None = None
         # Bound once: the tick re-arms itself 100 times a second. Its own empty context spares
@@ -364,30 +374,47 @@ class LoopWatch:
         if frame is not None and self._due == due:
             self._sample = sample_stack(frame, due, self.app_packages, self.runner)
 
-    def _schedstat_now(self) -> tuple[float, float] | None:
-        """(seconds on a CPU, seconds runnable but waiting for one) of the loop's thread, from
-        Linux schedstat; None elsewhere. A thread blocked in a call (sleep, recv) is neither."""
+    def _schedstat_now(self) -> Cpu | None:
+        """The loop thread's Linux schedstat (seconds on a CPU, seconds runnable but waiting for
+        one, times put on a CPU) and the process's CPU time; None elsewhere. A thread blocked
+        in a call (sleep, recv) neither runs nor waits, and is put on a CPU once when it ends."""
         try:
             if self._schedstat is None and self._native_id is not None:
                 path = f"/proc/self/task/{self._native_id}/schedstat"
                 self._schedstat = os.open(path, os.O_RDONLY)
             if self._schedstat is not None:
-                ran, waited = os.pread(self._schedstat, 128, 0).split()[:2]
-                return int(ran) / 1e9, int(waited) / 1e9
+                ran, waited, slices = os.pread(self._schedstat, 128, 0).split()[:3]
+                return Cpu(int(ran) / 1e9, int(waited) / 1e9, int(slices), time.process_time())
         except (OSError, ValueError):
             self._native_id = None  # not Linux, or no schedstat: stop trying
         return None
 
-    def _starved(self, lag: float, details: dict[str, object]) -> bool:
-        """Was the stall the OS's doing (CPU limits, a busy node) rather than the code's? Yes when
-        the loop's thread spent a quarter of it or more waiting for a CPU, and longer than it
-        ran. (A thread blocked in a call neither runs nor waits: such a block stays the code's.)"""
+    def _starved(self, lag: float, details: dict[str, object]) -> str | None:
+        """Was the stall the machine's or other threads' doing rather than the loop's code?
+
+        ``cpu-starved``: the loop's thread spent a quarter of the stall or more waiting for a CPU,
+        and longer than it ran (CPU limits, a busy node).
+        ``gil-starved``: it neither ran nor waited for a CPU for most of the stall, yet was put
+        on a CPU again and again (a thread waiting for the GIL wakes every switch interval; one
+        blocked in a call sleeps through), while the process's other threads burned CPU: the
+        threadpool (sync routes, ``run_in_threadpool``) held the GIL.
+        """
         now, before = self._schedstat_now(), self._cpu_ref
         if now is None or before is None:
-            return False
-        ran, waited = now[0] - before[0], now[1] - before[1]
+            return None
+        ran, waited = now.ran - before.ran, now.waited - before.waited
+        others = (now.process - before.process) - ran
         details["ran_s"], details["waited_for_cpu_s"] = round(ran, 3), round(waited, 3)
-        return waited >= lag / 4 and waited > ran
+        if waited >= lag / 4 and waited > ran:
+            return CPU_STARVED
+        wakeups = now.slices - before.slices
+        expected = lag / sys.getswitchinterval()
+        # measured here: a GIL waiter is put on a CPU about once per switch interval, or more;
+        # a thread blocked in a call 3 to 15 times in 60 intervals, from GIL waits at its ends
+        if ran + waited < lag / 2 and others >= lag / 2 and wakeups >= max(3, expected / 2):
+            details["other_threads_cpu_s"] = round(others, 3)
+            return GIL_STARVED
+        return None
 
     def _record(self, due: float, lag: float) -> None:
         sample = self._sample if self._sample is not None and self._sample.due == due else None
@@ -396,8 +423,14 @@ class LoopWatch:
         seconds = lag + self.interval / 2
         culprit = sample.culprit if sample and sample.culprit else UNKNOWN
         details: dict[str, object] = {}
-        if self._starved(lag, details):
-            culprit = CPU_STARVED
+        starved = self._starved(lag, details)
+        if starved is not None:
+            culprit = starved
+            if starved == GIL_STARVED:
+                details["hint"] = (
+                    "the loop's thread waited for the GIL while other threads of the process "
+                    "ran Python code (the threadpool: sync routes, run_in_threadpool)"
+                )
         if sample and sample.culprit is None:
             details["idle"] = True  # sampled in its own machinery: the machine stalled, not code
         label = self._label(culprit)
@@ -414,8 +447,8 @@ class LoopWatch:
     def _label(self, culprit: str) -> str:
         if culprit in self.blocks:
             return culprit
-        if culprit in (UNKNOWN, CPU_STARVED) or self._named < self.max_culprits:
-            self._named += culprit not in (UNKNOWN, CPU_STARVED)
+        if culprit in MACHINE or self._named < self.max_culprits:
+            self._named += culprit not in MACHINE
             return culprit
         return OTHER
 
