@@ -49,16 +49,16 @@ stats: HttpServerStats | None = None  # set while instrumented with http_server_
 # --- route templates ------------------------------------------------------------------------------
 class _Routes:
     """The full template of every route of one router (and of its mounted routers), keyed by
-    ``id()`` of the route object and of its endpoint. The keyed objects are kept in ``keep``, so
-    an id is never reused while this index lives; the index lives as long as its router."""
+    ``id()`` of the route object and of its endpoint. The index lives as long as its router and
+    holds no reference to what it names: the router holds its routes, so their ids stay theirs
+    (an app built per test is freed with its router; only a route removed from a live router
+    could leave a stale id behind)."""
 
     def __init__(self, router: Any) -> None:
         found: dict[int, list[tuple[str, str] | None]] = {}
-        self.keep: list[Any] = []
 
         def add(key: Any, entry: tuple[str, str] | None) -> None:
             if key is not None:
-                self.keep.append(key)
                 found.setdefault(id(key), []).append(entry)
 
         def walk(routes: Any, raw: str, fmt: str, depth: int) -> None:
@@ -92,7 +92,7 @@ class _Routes:
 
         walk(getattr(router, "routes", None), "", "", 0)
         self.templates: dict[int, Any] = {key: _resolve(v) for key, v in found.items()}
-        self.misses = 0
+        self.missed: dict[int, str | None] = {}  # keys found in no route: their own template
 
 
 def _resolve(entries: list[tuple[str, str] | None]) -> Any:
@@ -136,24 +136,38 @@ def _slow_lookup(router: Any, key: Any, scope: dict[str, Any]) -> Any:
     """First request of a router, or a route it does not list (added later, or made by the
     framework, like FastAPI's included routers): (re)index, else the route's own template."""
     index = _indexes.get(id(router)) if router is not None else None
-    if router is None or (index is not None and index.misses >= 100):
-        return _own_template(key, scope)
-    ref = id(router)
-    try:
-        if index is None:
-            weakref.finalize(router, _indexes.pop, ref, None)
-    except TypeError:  # a router without weak references: no index
-        return _own_template(key, scope)
+    if router is None or (index is not None and len(index.missed) >= 100):
+        return _own_template(key, scope)  # routes made per request: stop re-walking
+    rid = id(router)
+    if index is None:
+        try:
+            weakref.finalize(router, _indexes.pop, rid, None)
+        except TypeError:  # a router without weak references: no index
+            return _own_template(key, scope)
     fresh = _Routes(router)
+    if index is not None:
+        fresh.missed.update(index.missed)
+        fresh.templates.update(index.missed)
     found = fresh.templates.get(id(key), _MISSING)
     if found is _MISSING:
-        fresh.misses = (index.misses if index is not None else 0) + 1
         found = _own_template(key, scope)
         if scope.get("root_path", "") == scope.get("app_root_path", scope.get("root_path", "")):
-            fresh.keep.append(key)  # outside any Mount: the template is the route's alone
-            fresh.templates[id(key)] = found
-    _indexes[ref] = fresh
+            # Outside any Mount the template is the route's alone: remember it for as long as
+            # the route lives (a weak reference: no id outlives its object here).
+            try:
+                weakref.finalize(key, _forget, rid, id(key))
+                fresh.missed[id(key)] = fresh.templates[id(key)] = found
+            except TypeError:
+                pass
+    _indexes[rid] = fresh
     return found
+
+
+def _forget(rid: int, key: int) -> None:
+    index = _indexes.get(rid)
+    if index is not None:
+        index.templates.pop(key, None)
+        index.missed.pop(key, None)
 
 
 def _own_template(route: Any, scope: dict[str, Any]) -> str | None:
