@@ -126,3 +126,26 @@ async def test_closed_aiohttp_sessions_are_not_kept(quiet_agent):
             pass
     assert instances("ClientSession", "aiohttp.client") == 0
     assert instances("TCPConnector", "aiohttp.connector") == 0
+
+
+async def test_an_engine_disposed_before_instrument_takes_no_name(postgres):
+    """uninstrument() then instrument() again (between tests): the heap search finds the last
+    test's engine, disposed of but not yet collected. It takes no name until it connects."""
+    import asyncpg
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    base = f"127.0.0.1:{postgres.port}/app"
+    engine = create_async_engine(postgres.dsn("postgresql+asyncpg"))
+    async with engine.connect():
+        pass
+    await engine.dispose()
+    poolwatch.instrument(metrics_port=0)
+    try:
+        pool = await asyncpg.create_pool(postgres.dsn(), min_size=1, max_size=2)
+        assert pool_names("asyncpg") == [base]
+        async with engine.connect():  # used again after all: now it is measured
+            assert pool_names("sqlalchemy") == [f"{base}#2"]
+        await pool.close()
+        await engine.dispose()
+    finally:
+        poolwatch.uninstrument()

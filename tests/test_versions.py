@@ -33,9 +33,15 @@ all_inside = pytest.mark.skipif(
 
 @pytest.fixture
 def clean_agent():
+    """The agent uninstrumented before and after; the error counts (process-wide, and other
+    tests assert them) are put back as they were."""
+    from poolwatch.log import errors
+
+    counts, logged = errors.counts.copy(), set(errors._logged)
     poolwatch.uninstrument()
     yield agent
     poolwatch.uninstrument()
+    errors.counts, errors._logged = counts, logged
 
 
 def errors_of(probe: str) -> float:
@@ -149,6 +155,8 @@ def test_one_heap_walk_for_twenty_instrument_calls(clean_agent, monkeypatch, tmp
     get_objects = gc.get_objects
     monkeypatch.setattr(gc, "get_objects", lambda *a: walks.append(1) or get_objects(*a))
     early = create_engine(f"sqlite:///{tmp_path}/early.db")  # before instrument(): the walk
+    with early.connect():
+        pass
     engines = []
     for n in range(20):  # an app built per test: instrument() at every start-up
         poolwatch.instrument(metrics_port=0)

@@ -175,10 +175,8 @@ def _own_template(route: Any, scope: dict[str, Any]) -> str | None:
     template = getattr(route, "path_format", None)
     if not isinstance(template, str):
         return None
-    root, after = scope.get("app_root_path", ""), scope.get("root_path", "")
-    prefix = after[len(root) :] if root and after.startswith(root) else after
-    if "app_root_path" not in scope:
-        prefix = ""
+    root, after = scope.get("app_root_path"), scope.get("root_path", "")  # a Mount sets both
+    prefix = after[len(root) :] if root is not None and after.startswith(root) else ""
     return prefix.rstrip("/") + template
 
 

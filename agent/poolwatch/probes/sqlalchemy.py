@@ -120,7 +120,13 @@ WATCHES = Engine  # engines made before instrument() are found by the agent's on
 
 
 def watch_existing(agent: Agent, engine: Engine) -> None:
-    watch(agent, engine)
+    pool = engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedin() + pool.checkedout() == 0:
+        # No connection open: maybe an engine disposed of and not yet collected (an app of an
+        # earlier test). It takes its name at its next new connection, if it gets one.
+        _watch(agent, engine, None)
+    else:
+        watch(agent, engine)
 
 
 def pool_name(engine: Engine) -> str:
@@ -155,6 +161,13 @@ def _read_gauges(engine_ref: weakref.ref[Engine]) -> PoolGauges | None:
 
 def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
     """Measure ``engine`` (an ``Engine`` or ``AsyncEngine``); idempotent, ``name`` renames."""
+    stats = _watch(agent, engine, name)
+    stats.attach(agent.registry)
+    return stats
+
+
+def _watch(agent: Agent, engine: Any, name: str | None) -> PoolStats:
+    """The engine's stats, made and hooked if new; it holds a name once attached."""
     engine = getattr(engine, "sync_engine", engine)
     stats: PoolStats | None = getattr(engine.pool, ATTR, None)
     if stats is not None:
@@ -171,7 +184,6 @@ def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
     )
     setattr(engine.pool, ATTR, stats)
     _listen(agent, engine, stats)
-    stats.attach(agent.registry)
     return stats
 
 
