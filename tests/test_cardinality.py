@@ -23,7 +23,7 @@ from poolwatch.metrics import LOOP_BLOCKS
 from tests.support.net import free_port, scrape
 from tests.test_http_server import APP, requests, series
 
-SPECIAL_CULPRITS = {"other", "unknown", "cpu-starved"}
+SPECIAL_CULPRITS = {"other", "unknown", "cpu-starved", "gil-starved"}
 
 
 async def test_10000_random_paths_add_no_series(app_server):

@@ -18,7 +18,7 @@ import poolwatch
 from poolwatch.agent import agent
 from poolwatch.metrics import AGENT_ERRORS, LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS
 from poolwatch.probes import loop as loop_probe
-from poolwatch.probes.loop import APP, LIBRARY, STDLIB, code_kind, sample_stack
+from poolwatch.probes.loop import APP, LIBRARY, STDLIB, _library_call, code_kind, sample_stack
 from tests.support.load import burst
 from tests.support.net import Samples, free_port, get, wait_for_port
 
@@ -436,3 +436,103 @@ def test_culprit_rule():
     demo = frozenset({"poolwatch.demo"})
     assert code_kind(f"{site}/poolwatch/demo.py", "poolwatch.demo", demo) == APP
     assert code_kind(f"{site}/poolwatch/asgi.py", "poolwatch.asgi", demo) == STDLIB
+
+
+MACHINE = ("cpu-starved", "gil-starved", "unknown")  # stalls the machine or threads caused
+
+
+def test_a_library_only_block_gets_the_same_culprit_every_run(app_server):
+    """The first /openapi.json of a FastAPI app builds the schema on the loop, deep inside
+    pydantic (no frame of the app's own): five fresh apps, one culprit, the library call that
+    the framework made."""
+    culprits = []
+    for _ in range(5):
+        server = app_server("tests.apps.openapi_app:app", {"POOLWATCH_BLOCK_THRESHOLD": "0.05"})
+        assert get(f"{server.url}/openapi.json", timeout=30).startswith("{")
+        lines = wait_for(
+            lambda server=server: [
+                line for line in server.log().splitlines() if "event loop blocked" in line
+            ],
+            bool,
+        )
+        culprits += [re.search(r"culprit=(\S+)", line)[1] for line in lines]
+        server.stop()
+    named = [c for c in culprits if c not in MACHINE]
+    assert set(named) == {"fastapi.openapi.utils:get_openapi"}, culprits
+    assert len(named) >= 3, culprits  # the rest: this VM's CPU stalls, labelled as such
+
+
+def test_library_call_rule():
+    """Innermost first: the outermost library frame under the innermost framework frame."""
+    lib, std = LIBRARY, STDLIB
+    modules = [
+        "pydantic._internal._generate_schema",
+        "pydantic.json_schema",
+        "json",
+        "fastapi.openapi.utils",
+        "fastapi.applications",
+        "starlette.routing",
+        "starlette_exporter.middleware",  # a middleware library outside the framework frame
+        "uvicorn.protocols.http.httptools_impl",
+    ]
+    kinds = [lib, lib, std, lib, lib, lib, lib, lib]
+    assert modules[_library_call(kinds, modules)] == "fastapi.openapi.utils"
+    # only the standard library between the framework and the block: its outermost frame
+    assert _library_call([std, std, lib], ["json.encoder", "json", "starlette.responses"]) == 1
+    # the block is in the framework itself: its innermost library frame, as before
+    assert _library_call([std, lib, lib], ["asyncio.events", "starlette.routing", "uvicorn"]) == 1
+
+
+def burn(until: float) -> None:
+    while time.monotonic() < until:
+        sum(range(1000))  # pure Python: holds the GIL but for the switch interval
+
+
+def sleepy() -> None:
+    time.sleep(0.3)  # a blocking call: the loop's code, whatever the other threads do
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="needs Linux schedstat")
+def test_a_loop_starved_of_the_gil_is_labelled(clean_agent, monkeypatch):
+    """Threadpool threads running Python code (sync routes, run_in_threadpool) keep the loop's
+    thread waiting for the GIL: those stalls say so. A blocking call of the loop's own during
+    the same contention is still blamed on its code."""
+    monkeypatch.setenv("POOLWATCH_BLOCK_THRESHOLD", "0.05")
+    phases: dict[str, list] = {}
+
+    async def main() -> None:
+        stop = poolwatch.watch_event_loop()
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.2)
+        with structlog.testing.capture_logs() as phases["threadpool"]:
+            until = time.monotonic() + 2.0
+
+            async def serve() -> None:  # a loop with a little work, like a server's
+                while time.monotonic() < until:
+                    sum(range(200))
+                    await asyncio.sleep(0)
+
+            burners = [loop.run_in_executor(None, burn, until) for _ in range(8)]
+            await asyncio.gather(*(serve() for _ in range(4)), *burners)
+            await asyncio.sleep(0.2)
+        with structlog.testing.capture_logs() as phases["blocking call"]:
+            until = time.monotonic() + 1.5
+            burners = [loop.run_in_executor(None, burn, until) for _ in range(2)]
+            for _ in range(3):
+                await asyncio.sleep(0.1)
+                sleepy()
+            await asyncio.gather(*burners)
+            await asyncio.sleep(0.2)
+        phases["metric"] = points(LOOP_BLOCKS)
+        stop()
+
+    run("asyncio", main)
+    starved = [e for e in phases["threadpool"] if e.get("culprit") == "gil-starved"]
+    assert starved, phases["threadpool"]
+    for event in starved:
+        assert "waited for the GIL" in event["hint"] and event["other_threads_cpu_s"] > 0
+        assert event["ran_s"] + event["waited_for_cpu_s"] < event["duration_s"] / 2
+    blocked = [e.get("culprit") for e in phases["blocking call"] if "culprit" in e]
+    assert blocked.count("tests.test_loop:sleepy") >= 2, blocked
+    logged = [e for e in phases["threadpool"] + phases["blocking call"] if "culprit" in e]
+    assert phases["metric"][("gil-starved",)] == sum(e["culprit"] == "gil-starved" for e in logged)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.util
 import inspect
+import itertools
 import os
 import sys
 import threading
@@ -20,13 +22,16 @@ from typing import Any
 
 from .config import ConfigError, Settings, load_settings
 from .log import errors, logger
-from .patching import Undo
+from .patching import Undo, subclasses
 from .registry import Registry
+from .versions import refusal
 
 # probe name -> (library it hooks, or None if it needs none; module inside poolwatch.probes).
 # A probe module provides ``install(agent) -> list[Undo]`` (class-level hooks, at instrument()),
-# optionally ``watch(agent, obj, name)`` / ``existing_*()`` for objects, and optionally
+# optionally ``watch(agent, obj, name)`` for objects, ``WATCHES`` (the class whose instances made
+# before instrument() it adopts) with ``watch_existing(agent, obj)``, and optionally
 # ``start(agent) -> stop callable`` run when the agent starts (inside the app's running loop).
+# A probe whose library is installed outside its tested range (versions.SUPPORTED) stays off.
 PROBE_MODULES: dict[str, tuple[str | None, str]] = {
     "sqlalchemy": ("sqlalchemy", "poolwatch.probes.sqlalchemy"),
     "asyncpg": ("asyncpg", "poolwatch.probes.asyncpg"),
@@ -57,6 +62,8 @@ class Agent:
         self.discovering = False  # True after instrument(): new engines/pools are watched
         self.started = False
         self._probes: dict[str, Any] = {}
+        self._off: dict[str, str] = {}  # probe -> why it is off (an unsupported version)
+        self._walked = False  # the heap was searched for pools made before instrument()
         self._undos: list[Undo] = []
         self._stops: list[Callable[[], None]] = []
         self._lock = threading.RLock()
@@ -88,6 +95,12 @@ class Agent:
                 library, module_name = PROBE_MODULES[name]
                 if library is not None and importlib.util.find_spec(library) is None:
                     self._probes[name] = None
+                elif library is not None and (why := refusal(name, library)) is not None:
+                    self._probes[name] = None
+                    self._off[name] = why
+                    if self.settings is not None and self.settings.strict:
+                        raise StartupError(f"{why} (POOLWATCH_STRICT=true)")
+                    errors.degraded(name, why)
                 else:
                     module = importlib.import_module(module_name)
                     self._undos.extend(module.install(self))
@@ -100,15 +113,33 @@ class Agent:
             self.discovering = True
             for name in PROBE_MODULES:
                 self.probe(name)
-        if (sa := self._probes.get("sqlalchemy")) is not None:
-            for engine in sa.existing_engines():
-                sa.watch(self, engine)
-        if (apg := self._probes.get("asyncpg")) is not None:
-            for pool in apg.existing_pools():
-                apg.watch(self, pool)
-        if (aio := self._probes.get("aiohttp")) is not None:
-            for session in aio.existing_sessions():
-                aio.watch(self, session)
+            walk, self._walked = not self._walked, True
+        if walk:
+            self._watch_existing()
+
+    def _watch_existing(self) -> None:
+        """Pools, engines and sessions made before the first ``instrument()``: one pass over the
+        heap for every probe, once (until ``uninstrument()``); from then on the creation hooks
+        see every new one. Objects are matched on their exact type, from the set of the watched
+        classes and their subclasses: no attribute of an arbitrary object (a proxy's
+        ``__class__``...) is read."""
+        adopters: dict[type, Any] = {}
+        for module in self._probes.values():
+            if module is not None and hasattr(module, "WATCHES"):
+                for cls in subclasses(module.WATCHES):
+                    adopters.setdefault(cls, module)
+        if not adopters:
+            return
+        heap = gc.get_objects()
+        # map/compress run in C: no bytecode per object (bench/bench_heap_walk.py)
+        found = list(itertools.compress(heap, map(adopters.__contains__, map(type, heap))))
+        del heap
+        for obj in found:
+            module = adopters[type(obj)]
+            try:
+                module.watch_existing(self, obj)
+            except Exception as exc:
+                errors.record(module.PROBE, exc)
 
     # --- run --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -351,7 +382,9 @@ class Agent:
         with self._lock:
             undos, self._undos = self._undos, []
             self.discovering = False
+            self._walked = False
             self._probes.clear()
+            self._off.clear()
             self.settings = None
             self.app_module = None
             self._apps.clear()
@@ -487,6 +520,8 @@ def uninstrument() -> None:
 
 def _watch(probe_name: str, caller: str, obj: Any, name: str | None) -> Any:
     probe = agent.probe(probe_name)
+    if probe is None and probe_name in agent._off:
+        return obj  # an unsupported version: said once already; the app goes on unmeasured
     if probe is None:
         raise RuntimeError(f"{caller}() needs {probe_name}: pip install 'poolwatch[{probe_name}]'")
     probe.watch(agent, obj, name)

@@ -21,10 +21,11 @@ def current_route() -> str | None:
     scope = request_scope.get()
     if scope is None:
         return None
-    route = scope.get("route")  # Starlette/FastAPI put the matched route here
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
+    from .probes.http_server import route_template
+
+    template = route_template(scope)
+    if template is not None:
+        return template
     endpoint = scope.get("endpoint")
     if endpoint is not None:
         return f"{getattr(endpoint, '__module__', '?')}:{getattr(endpoint, '__qualname__', '?')}"

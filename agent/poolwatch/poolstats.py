@@ -11,7 +11,7 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from time import perf_counter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .metrics import (
     DB_COUNT,
@@ -29,6 +29,9 @@ from .metrics import (
     Histogram,
     Point,
 )
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -51,6 +54,10 @@ class PoolStats:
     Thread-safe without a lock on the hot path (sync engines are used from many threads): every
     hot-path update is a single atomic C operation (dict set/pop, ``next()``, ``deque.append``).
     Rare events (timeouts, invalidations, new connections) take a lock.
+
+    Its pool name is held while the pool is open (:meth:`attach`, :meth:`detach`): a name is
+    free again the moment its pool closes, whether or not a scrape happens in between, so the
+    same pool re-created gets the same name.
     """
 
     def __init__(
@@ -63,7 +70,8 @@ class PoolStats:
         track_leaks: bool = False,
     ) -> None:
         self.probe = probe
-        self.name = name
+        self.wanted = self.name = name  # the name asked for; ``name`` is the one held
+        self.registry: Registry | None = None  # while attached: collected, and holding ``name``
         self.read_gauges = read_gauges  # returns None once the pool is gone
         self.timeouts = 0
         self.leaks = 0
@@ -80,6 +88,30 @@ class PoolStats:
         self.closed = False
         self.tokens = itertools.count()  # wait tokens: unique across threads
         self._lock = threading.Lock()
+
+    # --- open and close: rare ---------------------------------------------------------------
+    def attach(self, registry: Registry) -> None:
+        """Hold a name (``wanted``, else ``wanted#2``...) and be collected from now on."""
+        with self._lock:
+            if self.registry is not None:
+                return
+            self.registry = registry
+            self.name = registry.claim_name(self.wanted)
+        registry.add(self)
+
+    def detach(self) -> None:
+        """The pool closed: its name is free again and the registry holds nothing of it."""
+        with self._lock:
+            registry, self.registry = self.registry, None
+        if registry is not None:
+            registry.remove(self)
+
+    def rename(self, wanted: str) -> None:
+        registry = self.registry
+        self.detach()
+        self.wanted = wanted
+        if registry is not None:
+            self.attach(registry)
 
     # --- hot path ---------------------------------------------------------------------------
     def wait_begin(self) -> int:

@@ -35,11 +35,12 @@ class Registry:
                 self._sources.append(source)
 
     def remove(self, source: Source) -> None:
+        """Stop collecting ``source``; the pool name it held is free again."""
         with self._lock:
             if source in self._sources:
                 self._sources.remove(source)
-            name = getattr(source, "name", None)
-            self._names.discard(name)
+                name = getattr(source, "name", None)
+                self._names.discard(name)
 
     def sources(self) -> list[Source]:
         with self._lock:
@@ -55,15 +56,11 @@ class Registry:
             self._names.add(name)
             return name
 
-    def release_name(self, name: str) -> None:
-        with self._lock:
-            self._names.discard(name)
-
     def collect(self) -> Iterator[Point]:
         yield Point(BUILD_INFO, {"version": __version__}, 1)
         for source in self.sources():
             try:
-                if not source.alive():
+                if not source.alive():  # gone without a close() poolwatch saw
                     self.remove(source)
                     continue
                 yield from list(source.points())

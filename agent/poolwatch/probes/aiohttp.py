@@ -19,7 +19,6 @@ share one group) and summed per host, so one-session-per-request code stays boun
 
 from __future__ import annotations
 
-import gc
 import threading
 import weakref
 from collections import Counter
@@ -260,10 +259,12 @@ def _detach_all() -> None:
 
 
 # --- watching sessions ------------------------------------------------------------------------
-def existing_sessions() -> list[aiohttp.ClientSession]:
-    return [
-        obj for obj in gc.get_objects() if isinstance(obj, aiohttp.ClientSession) and not obj.closed
-    ]
+WATCHES = aiohttp.ClientSession  # sessions made before instrument(): the agent's one heap walk
+
+
+def watch_existing(agent: Agent, session: aiohttp.ClientSession) -> None:
+    if not session.closed:
+        watch(agent, session)
 
 
 def watch(agent: Agent, session: aiohttp.ClientSession, name: str | None = None) -> None:

@@ -2,12 +2,12 @@
 
 asyncpg has no acquire hook, so ``Pool._acquire`` (where the wait happens) and ``Pool.release``
 are wrapped at class level. ``Pool`` has ``__slots__`` without ``__weakref__``: pools are held
-here by id and dropped on ``close()``/``terminate()``.
+here by id and let go of on ``close()``/``terminate()``, which also frees the pool's name (the
+next pool made with the same DSN gets it again) and drops the last reference poolwatch had.
 """
 
 from __future__ import annotations
 
-import gc
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -84,10 +84,16 @@ def _make_new_connection(original: Any) -> Any:
     return _get_new_connection
 
 
+def _no_gauges() -> None:
+    return None
+
+
 def _drop(pool: Pool) -> None:
     stats = _stats.pop(id(pool), None)
     if stats is not None:
         stats.closed = True
+        stats.read_gauges = _no_gauges  # the one reference to the pool: let it be freed
+        stats.detach()
 
 
 def _make_close(original: Any) -> Any:
@@ -124,8 +130,12 @@ def install(agent: Agent) -> list[Undo]:
     return undos
 
 
-def existing_pools() -> list[Pool]:
-    return [obj for obj in gc.get_objects() if isinstance(obj, Pool) and not obj.is_closing()]
+WATCHES = Pool  # pools made before instrument() are found by the agent's one heap walk
+
+
+def watch_existing(agent: Agent, pool: Pool) -> None:
+    if not pool.is_closing():
+        watch(agent, pool)
 
 
 def pool_name(pool: Pool) -> str:
@@ -164,16 +174,12 @@ def _gauges(pool: Pool) -> PoolGauges | None:
 def watch(agent: Agent, pool: Pool, name: str | None = None) -> PoolStats:
     stats = _stats.get(id(pool))
     if stats is not None:
-        if name and name != stats.name:
-            agent.registry.release_name(stats.name)
-            stats.name = agent.registry.claim_name(name)
+        if name and name != stats.wanted:
+            stats.rename(name)
         return stats
     stats = PoolStats(
-        PROBE,
-        agent.registry.claim_name(name or pool_name(pool)),
-        lambda: _gauges(pool),
-        track_leaks=leak_detection(agent),
+        PROBE, name or pool_name(pool), lambda: _gauges(pool), track_leaks=leak_detection(agent)
     )
     _stats[id(pool)] = stats
-    agent.registry.add(stats)
+    stats.attach(agent.registry)
     return stats

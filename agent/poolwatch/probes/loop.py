@@ -17,6 +17,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from time import perf_counter
@@ -36,6 +37,8 @@ PROBE = "loop"
 OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
 UNKNOWN = "unknown"  # the block ended before the watchdog could sample the stack
 CPU_STARVED = "cpu-starved"  # the loop's thread was runnable but got no CPU (limits, busy node)
+GIL_STARVED = "gil-starved"  # the loop's thread waited for the GIL other threads held
+MACHINE = (UNKNOWN, CPU_STARVED, GIL_STARVED)  # labels that name no code: never capped
 TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tasks)
 STACK_SHOWN = 8  # frames in the log line's short stack
 
@@ -84,6 +87,13 @@ _DISPATCH = (
 )
 
 
+class Cpu(NamedTuple):
+    ran: float  # the loop thread's seconds on a CPU
+    waited: float  # ...runnable, waiting for a CPU
+    slices: int  # ...times put on a CPU
+    process: float  # the process's CPU seconds, all threads
+
+
 class Sample(NamedTuple):
     due: float  # the overdue tick this sample belongs to
     culprit: str | None  # "module:function"; None: the loop was in its own machinery
@@ -96,8 +106,8 @@ def sample_stack(
 ) -> Sample:
     """Name the culprit of a stack, innermost frame first (see :func:`code_kind`).
 
-    No application frame (a library blocked on its own): the innermost frame outside the
-    standard library and poolwatch, else the innermost frame. None when the loop was in its own
+    No application frame (a library blocked on its own): the outermost library call under the
+    framework (:func:`_library_call`). None when the loop was in its own
     machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
     ``runner``, the frame running the loop), where only the machine can stall it.
     """
@@ -108,18 +118,55 @@ def sample_stack(
     while f is not None and len(frames) < 256:
         frames.append(f)
         f = f.f_back
+    modules = [f.f_globals.get("__name__", "") for f in frames]
     kinds = [
-        code_kind(f.f_code.co_filename, f.f_globals.get("__name__", ""), app_packages)
-        for f in frames
+        code_kind(f.f_code.co_filename, m, app_packages)
+        for f, m in zip(frames, modules, strict=True)
     ]
-    index = next(
-        (i for i, kind in enumerate(kinds) if kind == APP),
-        next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0),
-    )
+    index = next((i for i, kind in enumerate(kinds) if kind == APP), None)
+    if index is None:
+        index = _library_call(kinds, modules)
     lines = [f"{_where(f)}:{f.f_lineno}" for f in frames[: index + 3]]
     if len(lines) > STACK_SHOWN:
         lines = [*lines[:3], "...", *lines[-(STACK_SHOWN - 4) :]]
     return Sample(due, _where(frames[index]), lines, _route(frames))
+
+
+# The layers that call into the code being served (servers, ASGI, routing, the loop itself):
+# a library-only block is blamed on the outermost frame called by one of them.
+FRAMEWORK = (
+    "uvicorn",
+    "gunicorn",
+    "hypercorn",
+    "starlette",
+    "fastapi.applications",
+    "fastapi.routing",
+    "anyio",
+    "asyncio",
+    "uvloop",
+    "h11",
+    "httptools",
+    "poolwatch",
+)
+
+
+def _framework(module: str) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in FRAMEWORK)
+
+
+def _library_call(kinds: list[str], modules: list[str]) -> int:
+    """The frame to blame when no application frame is on the stack (innermost first): the
+    outermost library frame of the run of frames above the innermost framework frame, e.g.
+    ``fastapi.openapi.utils:get_openapi`` for a schema build deep in pydantic. Where the sampler
+    catches the inner frames changes from one block to the next; that call does not, so the
+    same block gets the same culprit and the culprit cap is not used up."""
+    end = next((i for i, module in enumerate(modules) if _framework(module)), len(modules))
+    library = [i for i in range(end) if kinds[i] == LIBRARY]
+    if library:
+        return library[-1]
+    if end:
+        return end - 1  # only the standard library above the framework (json.dumps...)
+    return next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0)
 
 
 def _in_loop_machinery(frame: FrameType, runner: tuple[int, object]) -> bool:
@@ -140,6 +187,7 @@ def _route(frames: list[FrameType]) -> str | None:
     middleware's frame on the blocked stack (nothing is recorded per request to make this work).
     A contextvar would not do: another thread cannot read the loop thread's context."""
     from ..asgi import PoolwatchMiddleware
+    from .http_server import route_template
 
     code = PoolwatchMiddleware.__call__.__code__
     for f in frames:
@@ -147,7 +195,7 @@ def _route(frames: list[FrameType]) -> str | None:
             scope = f.f_locals.get("scope")
             if not isinstance(scope, dict):
                 return None
-            path = getattr(scope.get("route"), "path", None)  # the template, never the raw path
+            path = route_template(scope)  # the template, never the raw path
             return f"{scope.get('method', '')} {path}".strip() if path else None
     return None
 
@@ -180,7 +228,7 @@ class LoopWatch:
         self._native_id: int | None = None
         self.runner: tuple[int, object] = (0, None)  # (id, code) of the frame running the loop
         self._schedstat: int | None = None  # fd of the loop thread's /proc schedstat (Linux)
-        self._cpu_ref: tuple[float, float] | None = None  # its schedstat, last seen healthy
+        self._cpu_ref: Cpu | None = None  # its CPU accounting, last seen healthy
         self._due = float("inf")  # perf_counter() when the pending tick should run
         self._handle: asyncio.TimerHandle | None = None
         # Bound once: the tick re-arms itself 100 times a second. Its own empty context spares
@@ -326,30 +374,47 @@ class LoopWatch:
         if frame is not None and self._due == due:
             self._sample = sample_stack(frame, due, self.app_packages, self.runner)
 
-    def _schedstat_now(self) -> tuple[float, float] | None:
-        """(seconds on a CPU, seconds runnable but waiting for one) of the loop's thread, from
-        Linux schedstat; None elsewhere. A thread blocked in a call (sleep, recv) is neither."""
+    def _schedstat_now(self) -> Cpu | None:
+        """The loop thread's Linux schedstat (seconds on a CPU, seconds runnable but waiting for
+        one, times put on a CPU) and the process's CPU time; None elsewhere. A thread blocked
+        in a call (sleep, recv) neither runs nor waits, and is put on a CPU once when it ends."""
         try:
             if self._schedstat is None and self._native_id is not None:
                 path = f"/proc/self/task/{self._native_id}/schedstat"
                 self._schedstat = os.open(path, os.O_RDONLY)
             if self._schedstat is not None:
-                ran, waited = os.pread(self._schedstat, 128, 0).split()[:2]
-                return int(ran) / 1e9, int(waited) / 1e9
+                ran, waited, slices = os.pread(self._schedstat, 128, 0).split()[:3]
+                return Cpu(int(ran) / 1e9, int(waited) / 1e9, int(slices), time.process_time())
         except (OSError, ValueError):
             self._native_id = None  # not Linux, or no schedstat: stop trying
         return None
 
-    def _starved(self, lag: float, details: dict[str, object]) -> bool:
-        """Was the stall the OS's doing (CPU limits, a busy node) rather than the code's? Yes when
-        the loop's thread spent a quarter of it or more waiting for a CPU, and longer than it
-        ran. (A thread blocked in a call neither runs nor waits: such a block stays the code's.)"""
+    def _starved(self, lag: float, details: dict[str, object]) -> str | None:
+        """Was the stall the machine's or other threads' doing rather than the loop's code?
+
+        ``cpu-starved``: the loop's thread spent a quarter of the stall or more waiting for a CPU,
+        and longer than it ran (CPU limits, a busy node).
+        ``gil-starved``: it neither ran nor waited for a CPU for most of the stall, yet was put
+        on a CPU again and again (a thread waiting for the GIL wakes every switch interval; one
+        blocked in a call sleeps through), while the process's other threads burned CPU: the
+        threadpool (sync routes, ``run_in_threadpool``) held the GIL.
+        """
         now, before = self._schedstat_now(), self._cpu_ref
         if now is None or before is None:
-            return False
-        ran, waited = now[0] - before[0], now[1] - before[1]
+            return None
+        ran, waited = now.ran - before.ran, now.waited - before.waited
+        others = (now.process - before.process) - ran
         details["ran_s"], details["waited_for_cpu_s"] = round(ran, 3), round(waited, 3)
-        return waited >= lag / 4 and waited > ran
+        if waited >= lag / 4 and waited > ran:
+            return CPU_STARVED
+        wakeups = now.slices - before.slices
+        expected = lag / sys.getswitchinterval()
+        # measured here: a GIL waiter is put on a CPU about once per switch interval, or more;
+        # a thread blocked in a call 3 to 15 times in 60 intervals, from GIL waits at its ends
+        if ran + waited < lag / 2 and others >= lag / 2 and wakeups >= max(3, expected / 2):
+            details["other_threads_cpu_s"] = round(others, 3)
+            return GIL_STARVED
+        return None
 
     def _record(self, due: float, lag: float) -> None:
         sample = self._sample if self._sample is not None and self._sample.due == due else None
@@ -358,8 +423,14 @@ class LoopWatch:
         seconds = lag + self.interval / 2
         culprit = sample.culprit if sample and sample.culprit else UNKNOWN
         details: dict[str, object] = {}
-        if self._starved(lag, details):
-            culprit = CPU_STARVED
+        starved = self._starved(lag, details)
+        if starved is not None:
+            culprit = starved
+            if starved == GIL_STARVED:
+                details["hint"] = (
+                    "the loop's thread waited for the GIL while other threads of the process "
+                    "ran Python code (the threadpool: sync routes, run_in_threadpool)"
+                )
         if sample and sample.culprit is None:
             details["idle"] = True  # sampled in its own machinery: the machine stalled, not code
         label = self._label(culprit)
@@ -376,8 +447,8 @@ class LoopWatch:
     def _label(self, culprit: str) -> str:
         if culprit in self.blocks:
             return culprit
-        if culprit in (UNKNOWN, CPU_STARVED) or self._named < self.max_culprits:
-            self._named += culprit not in (UNKNOWN, CPU_STARVED)
+        if culprit in MACHINE or self._named < self.max_culprits:
+            self._named += culprit not in MACHINE
             return culprit
         return OTHER
 

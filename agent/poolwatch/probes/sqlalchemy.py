@@ -5,11 +5,15 @@ use) and ``Pool._return_conn`` (use time). PoolEvents has no "before checkout" h
 wrappers; rarer events (invalidate, detach, connect) use public pool events. Sizes are read
 from ``engine.pool`` at collect time: ``engine.dispose()`` swaps the pool and the gauges follow.
 Listeners sit on the pool and travel with ``Pool.recreate()``.
+
+Names: an engine holds its pool name while it is open. ``dispose()`` frees it (the engine's
+series go away with it) and the engine's next new connection (the pool's "connect" event, not
+the checkout path) claims it again; an engine garbage collected frees it at once (a weakref
+callback). So an app that makes and disposes its engine at each start-up keeps one name.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import weakref
 from time import perf_counter
@@ -112,9 +116,17 @@ def install(agent: Agent) -> list[Undo]:
     return undos
 
 
-def existing_engines() -> list[Engine]:
-    """Engines created before ``instrument()``: a one-off heap walk at start-up."""
-    return [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+WATCHES = Engine  # engines made before instrument() are found by the agent's one heap walk
+
+
+def watch_existing(agent: Agent, engine: Engine) -> None:
+    pool = engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedin() + pool.checkedout() == 0:
+        # No connection open: maybe an engine disposed of and not yet collected (an app of an
+        # earlier test). It takes its name at its next new connection, if it gets one.
+        _watch(agent, engine, None)
+    else:
+        watch(agent, engine)
 
 
 def pool_name(engine: Engine) -> str:
@@ -149,28 +161,34 @@ def _read_gauges(engine_ref: weakref.ref[Engine]) -> PoolGauges | None:
 
 def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
     """Measure ``engine`` (an ``Engine`` or ``AsyncEngine``); idempotent, ``name`` renames."""
+    stats = _watch(agent, engine, name)
+    stats.attach(agent.registry)
+    return stats
+
+
+def _watch(agent: Agent, engine: Any, name: str | None) -> PoolStats:
+    """The engine's stats, made and hooked if new; it holds a name once attached."""
     engine = getattr(engine, "sync_engine", engine)
     stats: PoolStats | None = getattr(engine.pool, ATTR, None)
     if stats is not None:
-        if name and name != stats.name:
-            agent.registry.release_name(stats.name)
-            stats.name = agent.registry.claim_name(name)
+        if name and name != stats.wanted:
+            stats.rename(name)
         return stats
-    engine_ref = weakref.ref(engine)
+    engine_ref = weakref.ref(engine, lambda _: stats.detach())  # collected: its name is free
     stats = PoolStats(
         PROBE,
-        agent.registry.claim_name(name or pool_name(engine)),
+        name or pool_name(engine),
         lambda: _read_gauges(engine_ref),
         invalidations=True,
         track_leaks=leak_detection(agent),
     )
     setattr(engine.pool, ATTR, stats)
     _listen(agent, engine, stats)
-    agent.registry.add(stats)
     return stats
 
 
 def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
+    registry = agent.registry
     connect_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def guarded(fn: Any) -> Any:
@@ -187,9 +205,14 @@ def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
             connect_started[record] = perf_counter()
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:
+        if stats.registry is None:  # used again after dispose(): hold a name again
+            stats.attach(registry)
         start = connect_started.pop(record, None)
         if start is not None:
             stats.created(perf_counter() - start)
+
+    def on_disposed(engine: Engine) -> None:
+        stats.detach()
 
     listeners = {
         "detach": guarded(lambda dbapi_connection, record: stats.forget(id(record))),
@@ -197,11 +220,13 @@ def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
         "soft_invalidate": guarded(lambda dbapi_connection, record, exc: stats.invalidated(True)),
         "connect": guarded(on_connect),
     }
-    do_connect_listener = guarded(do_connect)  # returns None: SQLAlchemy then connects as usual
+    # engine-level: do_connect returns None, so SQLAlchemy then connects as usual
+    engine_listeners = {"do_connect": guarded(do_connect), "engine_disposed": guarded(on_disposed)}
 
     for identifier, fn in listeners.items():
         event.listen(engine.pool, identifier, fn)
-    event.listen(engine, "do_connect", do_connect_listener)
+    for identifier, fn in engine_listeners.items():
+        event.listen(engine, identifier, fn)
 
     engine_ref = weakref.ref(engine)
 
@@ -212,8 +237,9 @@ def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
         for identifier, fn in listeners.items():
             if event.contains(engine.pool, identifier, fn):
                 event.remove(engine.pool, identifier, fn)
-        if event.contains(engine, "do_connect", do_connect_listener):
-            event.remove(engine, "do_connect", do_connect_listener)
+        for identifier, fn in engine_listeners.items():
+            if event.contains(engine, identifier, fn):
+                event.remove(engine, identifier, fn)
         if getattr(engine.pool, ATTR, None) is stats:
             delattr(engine.pool, ATTR)
 

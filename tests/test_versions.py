@@ -1,0 +1,180 @@
+"""Probes load only inside their tested library ranges, and the heap is searched once.
+
+``scripts/test-old-libraries`` runs this file again in a throwaway virtualenv with releases
+below the ranges (SQLAlchemy 1.4, asyncpg 0.28, aiohttp 3.9): the same tests then see every
+probe off.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import tomllib
+
+import pytest
+import structlog
+from packaging.requirements import Requirement
+
+import poolwatch
+from poolwatch import versions
+from poolwatch.agent import PROBE_MODULES, StartupError, agent
+from poolwatch.metrics import AGENT_ERRORS
+from tests.support.apps import REPO
+
+LIBRARIES = ("sqlalchemy", "asyncpg", "aiohttp")
+INSIDE = {  # the installed releases: all inside here, none under scripts/test-old-libraries
+    lib: versions.within(importlib.metadata.version(lib), versions.SUPPORTED[lib])
+    for lib in LIBRARIES
+}
+all_inside = pytest.mark.skipif(
+    not all(INSIDE.values()), reason="a library installed here is outside its probe's range"
+)
+
+
+@pytest.fixture
+def clean_agent():
+    """The agent uninstrumented before and after; the error counts (process-wide, and other
+    tests assert them) are put back as they were."""
+    from poolwatch.log import errors
+
+    counts, logged = errors.counts.copy(), set(errors._logged)
+    poolwatch.uninstrument()
+    yield agent
+    poolwatch.uninstrument()
+    errors.counts, errors._logged = counts, logged
+
+
+def errors_of(probe: str) -> float:
+    return next(
+        p.value
+        for p in agent.registry.collect()
+        if p.metric is AGENT_ERRORS and p.attributes == {"probe": probe}
+    )
+
+
+def test_the_ranges_are_those_of_pyproject_extras():
+    with open(f"{REPO}/pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for library in LIBRARIES:
+        declared = {Requirement(r) for r in extras[library]}
+        assert {(r.name.lower(), str(r.specifier)) for r in declared} == {
+            (library, str(Requirement(f"{library}{versions.SUPPORTED[library]}").specifier))
+        }
+
+
+@pytest.mark.parametrize(
+    ("version", "spec", "inside"),
+    [
+        ("1.4.31", ">=2.0", False),
+        ("2.0", ">=2.0.0", True),
+        ("2.0.0b4", ">=2.0", True),  # a pre-release counts as its release
+        ("2.1.9", ">=2.0", True),
+        ("0.28.0", ">=0.29", False),
+        ("0.29.0", ">=0.29", True),
+        ("3.10.10", ">=3.10.11,<4", False),
+        ("3.10.11", ">=3.10.11,<4", True),
+        ("3.14.5", ">=3.10.11,<4", True),
+        ("4.0.0a1", ">=3.10.11,<4", False),
+    ],
+)
+def test_version_ranges(version, spec, inside):
+    assert versions.within(version, spec) is inside
+
+
+def test_installed_releases_decide_which_probes_load(clean_agent):
+    """Real libraries: in the dev environment every probe loads; in the old-libraries one none
+    of these three does, with one warning each and the app untouched."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import Engine
+
+    original_init = vars(Engine)["__init__"]
+    inside = INSIDE
+    with structlog.testing.capture_logs() as logs:
+        poolwatch.instrument(metrics_port=0)
+        poolwatch.instrument(metrics_port=0)
+    for lib in LIBRARIES:
+        assert (agent.probe(lib) is not None) is inside[lib], lib
+        lines = [e for e in logs if e.get("probe") == lib and "probe is off" in e["event"]]
+        assert len(lines) == (0 if inside[lib] else 1), logs
+        if not inside[lib]:
+            found = importlib.metadata.version(lib)
+            assert f"{lib} {found} is installed" in lines[0]["event"]
+            assert f"supports {lib}{versions.SUPPORTED[lib]} only" in lines[0]["event"]
+            assert errors_of(lib) >= 1
+    if not inside["sqlalchemy"]:
+        assert vars(Engine)["__init__"] is original_init  # nothing of the library is touched
+    engine = create_engine("sqlite://")
+    assert poolwatch.watch_engine(engine) is engine  # the app's explicit call still works
+
+
+@all_inside  # a release is faked below the range: the real ones must be inside
+def test_a_release_outside_the_range_leaves_its_probe_off(clean_agent, monkeypatch):
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import Engine
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "1.4.31" if name == "sqlalchemy" else real(name),
+    )
+    original_init = vars(Engine)["__init__"]
+    with structlog.testing.capture_logs() as logs:
+        poolwatch.instrument(metrics_port=0)
+        engine = poolwatch.watch_engine(create_engine("sqlite://"), name="orders")
+        with engine.connect():
+            pass
+    assert agent.probe("sqlalchemy") is None
+    assert vars(Engine)["__init__"] is original_init
+    assert not [p for p in agent.registry.collect() if "orders" in p.attributes.values()]
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [e["event"] for e in warnings] == [
+        "poolwatch: the sqlalchemy probe is off: sqlalchemy 1.4.31 is installed, the probe "
+        "supports sqlalchemy>=2.0 only; the app runs unchanged, without its metrics. Use "
+        "sqlalchemy>=2.0 to turn it on."
+    ]
+    assert (agent.probe("asyncpg") is not None) is INSIDE["asyncpg"]  # the others: as usual
+
+
+@all_inside
+def test_strict_mode_refuses_an_unsupported_release(clean_agent, monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.28.0" if name == "asyncpg" else real(name)
+    )
+    monkeypatch.setenv("POOLWATCH_STRICT", "true")
+    with pytest.raises(StartupError, match=r"asyncpg 0\.28\.0 is installed.*STRICT=true"):
+        poolwatch.instrument(metrics_port=0)
+
+
+@all_inside
+def test_one_heap_walk_for_twenty_instrument_calls(clean_agent, monkeypatch, tmp_path):
+    from sqlalchemy import create_engine
+
+    walks = []
+    get_objects = gc.get_objects
+    monkeypatch.setattr(gc, "get_objects", lambda *a: walks.append(1) or get_objects(*a))
+    early = create_engine(f"sqlite:///{tmp_path}/early.db")  # before instrument(): the walk
+    with early.connect():
+        pass
+    engines = []
+    for n in range(20):  # an app built per test: instrument() at every start-up
+        poolwatch.instrument(metrics_port=0)
+        engines.append(create_engine(f"sqlite:///{tmp_path}/db{n}.db"))  # the creation hook
+    assert len(walks) == 1
+    names = {s.name for s in agent.registry.sources() if s.probe == "sqlalchemy"}
+    assert names >= {"early.db"} | {f"db{n}.db" for n in range(20)}  # earlier tests' engines too
+    poolwatch.uninstrument()
+    poolwatch.instrument(metrics_port=0)  # a fresh start searches again
+    assert len(walks) == 2
+    assert "early.db" in {getattr(s, "name", None) for s in agent.registry.sources()}
+    early.dispose()
+
+
+def test_every_probe_with_objects_declares_what_the_walk_finds():
+    import importlib
+
+    for name, (library, module_name) in PROBE_MODULES.items():
+        if library in LIBRARIES:
+            module = importlib.import_module(module_name)
+            assert isinstance(module.WATCHES, type) and callable(module.watch_existing), name
