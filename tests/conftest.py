@@ -72,3 +72,16 @@ def agent():
     the_agent.start()
     yield the_agent
     poolwatch.uninstrument()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_an_app_left_it():
+    """``structlog.testing.capture_logs()`` leaves structlog marked as configured, which would
+    send poolwatch's lines of every later test through structlog's defaults (stdout) instead of
+    its own whole-line stderr writer: put it back after each test."""
+    import structlog
+
+    configured = structlog.is_configured()
+    yield
+    if structlog.is_configured() and not configured:
+        structlog.reset_defaults()

@@ -140,7 +140,7 @@ async def test_a_held_port_under_lifespan_manager_starts_serves_and_says_why_onc
     assert health == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "POOLWATCH_METRICS_PORT" in line]
-    assert len(lines) == 1, lines
+    assert len(lines) == 1, (lines, err)
     assert f"POOLWATCH_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port}" in lines[0]
     assert "[warning" in lines[0]
     assert "Choose a free port, or set POOLWATCH_METRICS_PORT=0 to turn it off" in lines[0]
