@@ -414,6 +414,27 @@ def test_uvicorn_without_lifespan(tmp_path):
         ]
 
 
+def test_shared_directory_taken_by_someone_else(tmp_path):
+    """Someone made the server's directory before it, writable by all: the workers refuse it,
+    say so once each, and the worker holding the port serves its own series; the app serves."""
+    port = free_port()
+    plant = f'mkdir -m 777 "$TMPDIR/poolwatch-{os.geteuid()}-$$-{port}" && exec "$0" "$@"'
+    env = app_env(tmp_path, bare=False)
+    app = start_workers(
+        "uvicorn", WORKERS_APP, 2, env, metrics_port=port, prefix=["sh", "-c", plant]
+    )
+    try:
+        assert statuses(app) == [200] * 6
+        samples = wait_for(lambda: try_scrape(app), timeout=10)
+        assert len(workers_of(samples)) == 1  # one worker, labelled
+        refused = "workers' metrics are not shared: "
+        wait_for(lambda: app.log().count(refused) == 2, timeout=10, what="one warning a worker")
+        assert "not a private directory of this user" in app.log()
+        assert "Traceback" not in app.log()
+    finally:
+        app.stop()
+
+
 def test_shared_directory_must_be_private(tmp_path):
     from poolwatch.exporters.prefork import _private_directory
 

@@ -187,8 +187,8 @@ class Agent:
 
         self.worker = worker = settings.worker or str(os.getpid())
         own = PoolwatchCollector(self.registry.collect, {"worker": worker})
-        directory = prefork.directory_for(parent, settings.metrics_port)
         try:
+            directory = prefork.directory_for(parent, settings.metrics_port)
             shared = prefork.join(server, directory, worker, own, settings)
         except WorkerIdInUse:
             self.metrics_off = f"POOLWATCH_WORKER={worker} is taken"
@@ -201,14 +201,16 @@ class Agent:
         except OSError as exc:
             with contextlib.suppress(Unavailable):  # the worker holding the port serves itself
                 self._start_prometheus(settings, {"worker": worker})
+            where = f"{exc.filename}: " if exc.filename else ""  # no temporary directory: none
             if self.metrics_port is None:
-                self.metrics_off = f"cannot share {directory}"
+                self.metrics_off = f"the workers cannot share a directory ({exc.strerror or exc})"
             raise Unavailable(
                 "exporter",
-                f"poolwatch: the {server} workers' metrics are not shared: {directory}: "
+                f"poolwatch: the {server} workers' metrics are not shared: {where}"
                 f"{exc.strerror or exc}; /metrics shows only the worker that holds "
-                f"POOLWATCH_METRICS_PORT={settings.metrics_port}. Make the temporary directory "
-                "(TMPDIR) writable, or set POOLWATCH_MULTIPROC_DIR and run `poolwatch exporter`.",
+                f"POOLWATCH_METRICS_PORT={settings.metrics_port}. Set TMPDIR to a directory this "
+                "user can write (and remove what is at that path if poolwatch did not make it), "
+                "or set POOLWATCH_MULTIPROC_DIR and run `poolwatch exporter`.",
             ) from None
         self._shared = shared
         self._stops.append(shared.stop)

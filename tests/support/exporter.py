@@ -112,9 +112,11 @@ def start_workers(
     *,
     metrics_port: int = 0,
     server_args: list[str] | None = None,
+    prefix: list[str] | None = None,
 ) -> AppServer:
     """``target`` under gunicorn with uvicorn workers, ``uvicorn --workers`` or hypercorn
-    ``--workers``, POOLWATCH_METRICS_PORT=``metrics_port`` (0: off)."""
+    ``--workers``, POOLWATCH_METRICS_PORT=``metrics_port`` (0: off); ``prefix`` goes before
+    the command."""
     port = free_port()
     bind = ["127.0.0.1", str(port)]
     if server == "gunicorn":
@@ -132,7 +134,7 @@ def start_workers(
             *(sys.executable, "-m", "uvicorn", target, "--workers", str(workers)),
             *("--host", bind[0], "--port", bind[1], "--log-level", "warning"),
         ]
-    cmd += server_args or []
+    cmd = [*(prefix or []), *cmd, *(server_args or [])]
     full_env = {
         **os.environ,
         "PYTHONPATH": PYTHONPATH,

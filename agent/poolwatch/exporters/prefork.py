@@ -93,7 +93,7 @@ def _private_directory(path: str, create: bool = True) -> str:
             os.mkdir(path, 0o700)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise PermissionError(errno.EPERM, "it exists and is not a private directory of this user")
+        raise PermissionError(errno.EPERM, "not a private directory of this user", path)
     return path
 
 
@@ -170,6 +170,7 @@ class SharedTarget(Publisher):
         self._serving_fd: int | None = None
         self._ticks = 0
         self._stopped = False
+        self._pid = os.getpid()
         served = CollectorRegistry(auto_describe=False)  # own series live + the others' files
         served.register(WorkersCollector(directory, local=own, exclude=file_stem(worker)))
         self._app = metrics_app(served, token)
@@ -248,7 +249,7 @@ class SharedTarget(Publisher):
         self.stop(at_exit=True)
 
     def stop(self, at_exit: bool = False) -> None:
-        if self._stopped:
+        if self._stopped or os.getpid() != self._pid:  # a child forked by the app: not its files
             return
         self._stopped = True
         atexit.unregister(self._at_exit)
