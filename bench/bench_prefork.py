@@ -1,17 +1,18 @@
 """The cost of the zero-config multi-worker mode, per worker, beside single-process mode.
 
-    python -m bench.bench_prefork [--seconds 6] [--rounds 5] [--workers 2]
+    python -m bench.bench_prefork [--seconds 5] [--rounds 5] [--workers 2]
 
-Four uvicorn servers of the pool app (tests/apps/pool_app.py, SQLite), in interleaved rounds:
-bare and with poolwatch, each as one process (``--workers 1``: single-process mode) and with
+uvicorn servers of the pool app (tests/apps/pool_app.py, SQLite), in interleaved rounds: bare
+and with poolwatch, each as one process (``--workers 1``: single-process mode) and with
 ``--workers N`` (pre-fork mode: every worker but the serving one publishes its file each
-second; the serving one merges the others' files at each scrape). Each server is measured idle,
-then under a bounded loopback load (4 clients looping on ``GET /ok`` for ``--seconds``), and
-poolwatch's target is scraped every second meanwhile. Reported: CPU seconds per second per
-worker (idle) and CPU per request (under load), summed over the workers from the kernel's
-per-process CPU clocks. poolwatch's own cost is the instrumented minus the bare server of the
-same shape in the same round (median over rounds); pre-fork / single of that cost is the price
-of the mode.
+second; the serving one merges the others' files at each scrape); and, as the control of the
+mode itself, N workers with poolwatch but no target (POOLWATCH_METRICS_PORT=0).
+
+Each server is measured idle, then under a bounded loopback load (``GET /ok`` at 500 per
+second for ``--seconds``); poolwatch's target is scraped every second meanwhile. Reported: CPU
+seconds per second per worker (idle) and CPU per request (under load), summed over the workers
+from the kernel's per-process CPU clocks. Each server is compared with another measured in the
+same round (idle: the CPU added; per request: the ratio); medians over the rounds.
 """
 
 from __future__ import annotations
@@ -26,24 +27,11 @@ import threading
 import time
 
 import aiohttp
-from tests.support.exporter import start_workers
+from tests.support.exporter import start_workers, worker_pids
 from tests.support.net import free_port, get, scrape, wait_for
 
 APP = "tests.apps.pool_app:app"
-
-
-def worker_pids(server) -> list[int]:
-    """The server's workers: the process itself with one worker, else its children (but
-    multiprocessing's resource tracker)."""
-    pid = server.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
-    workers = []
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"resource_tracker" not in f.read():
-                workers.append(child)
-    return workers or [pid]
+RATE = 500.0  # requests per second of the load
 
 
 class Scraper:
@@ -69,22 +57,27 @@ class Scraper:
             self._thread.join(timeout=10)
 
 
-async def load(url: str, seconds: float, clients: int = 4) -> int:
-    """``clients`` loops of GET ``url`` for ``seconds``; returns the requests served."""
-    done = 0
+async def load(url: str, seconds: float, rate: float = RATE) -> int:
+    """``GET url`` at a steady ``rate`` per second for ``seconds`` (open loop, at most 16 in
+    flight): a bounded load, the same for every server, far below saturation, so that the CPU
+    per request does not depend on how well a busy server batches. Returns the requests."""
+    count = int(seconds * rate)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal done
-        while loop.time() < deadline:
-            async with session.get(url) as response:
-                await response.read()
-            done += 1
-
+    gate = asyncio.Semaphore(16)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-    return done
+
+        async def one() -> None:
+            async with gate, session.get(url) as response:
+                await response.read()
+
+        tasks = []
+        start = loop.time()
+        for i in range(count):
+            if (delay := start + i / rate - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return count
 
 
 def cpu(pids: list[int]) -> float:
@@ -93,20 +86,26 @@ def cpu(pids: list[int]) -> float:
     return sum(time.clock_gettime((~pid << 3) | 2) for pid in pids)  # CPUCLOCK_SCHED of pid
 
 
-async def measure(workers: int, bare: bool, seconds: float, tmp: str) -> tuple[float, float]:
-    """(idle CPU s/s per worker, CPU s per request) of one server."""
+async def measure(workers: int, variant: str, seconds: float, tmp: str) -> tuple[float, float]:
+    """(idle CPU s/s per worker, CPU s per request) of one server; ``variant``: bare, poolwatch
+    or ``no target`` (poolwatch with POOLWATCH_METRICS_PORT=0: no listener, nothing shared)."""
+    bare = variant == "bare"
     env = {
         "SA_URL": f"sqlite+aiosqlite:///{tmp}/bench.db",
         "TEST_APP_BARE": "1" if bare else "0",
         "TMPDIR": tmp,
     }
-    metrics_port = 0 if bare else free_port()
+    metrics_port = free_port() if variant == "poolwatch" else 0
     server = start_workers("uvicorn", APP, workers, env, metrics_port=metrics_port)
     try:
-        pids = wait_for(lambda: len(p := worker_pids(server)) == workers and p, timeout=30)
+        if workers == 1:  # uvicorn --workers 1 serves from the process itself
+            pids = [server.proc.pid]
+        else:
+            pids = wait_for(lambda: len(p := worker_pids(server)) == workers and p, timeout=30)
+            pids = [int(pid) for pid in pids]
         for _ in range(workers * 4):  # every worker has served and started its agent
             get(server.url + "/sa/query")
-        metrics = None if bare else server.metrics_url
+        metrics = server.metrics_url if metrics_port else None
         if metrics and workers > 1:
 
             def every_worker() -> bool:
@@ -131,50 +130,58 @@ async def measure(workers: int, bare: bool, seconds: float, tmp: str) -> tuple[f
 
 
 async def main(seconds: float, rounds: int, workers: int) -> None:
-    shapes = {
-        "bare, 1 process": (1, True),
-        "poolwatch, 1 process": (1, False),
-        f"bare, {workers} workers": (workers, True),
-        f"poolwatch, {workers} workers": (workers, False),
+    many = f"{workers} workers"
+    shapes = {  # name -> (workers, variant)
+        "bare, 1 process": (1, "bare"),
+        "poolwatch, 1 process": (1, "poolwatch"),
+        f"bare, {many}": (workers, "bare"),
+        f"poolwatch, {many}, no target": (workers, "no target"),
+        f"poolwatch, {many}": (workers, "poolwatch"),
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
     with tempfile.TemporaryDirectory(prefix="bench-prefork-") as tmp:
         for _ in range(rounds):
-            for name, (count, bare) in shapes.items():
-                runs[name].append(await measure(count, bare, seconds, tmp))
+            for name, (count, variant) in shapes.items():
+                runs[name].append(await measure(count, variant, seconds, tmp))
         assert os.listdir(tmp) == ["bench.db"], os.listdir(tmp)  # nothing left behind
-    names = list(shapes)
+    med = statistics.median
     print(
         f"\n{rounds} interleaved rounds, {seconds:.0f} s idle + {seconds:.0f} s load each; medians"
     )
-    print(f"{'server':<26}{'idle CPU ms/s per worker':>26}{'CPU µs per request':>20}")
-    for name in names:
-        idle = statistics.median(run[0] for run in runs[name])
-        request = statistics.median(run[1] for run in runs[name])
-        print(f"{name:<26}{idle * 1e3:>26.2f}{request * 1e6:>20.1f}")
+    print(f"{'server':<34}{'idle CPU ms/s per worker':>26}{'CPU µs per request':>20}")
+    for name, values in runs.items():
+        idle, request = med(v[0] for v in values), med(v[1] for v in values)
+        print(f"{name:<34}{idle * 1e3:>26.2f}{request * 1e6:>20.1f}")
 
-    def own_cost(bare: str, instrumented: str, field: int) -> float:
-        """Median over the rounds of instrumented minus bare, measured back to back."""
-        pairs = zip(runs[bare], runs[instrumented], strict=True)
-        return statistics.median(pw[field] - b[field] for b, pw in pairs)
+    def against(base: str, other: str) -> tuple[list[float], list[float]]:
+        """Per round, measured back to back: idle CPU added per worker, per-request ratio."""
+        pairs = list(zip(runs[base], runs[other], strict=True))
+        return [o[0] - b[0] for b, o in pairs], [o[1] / b[1] for b, o in pairs]
 
-    single = [own_cost(names[0], names[1], field) for field in (0, 1)]
-    multi = [own_cost(names[2], names[3], field) for field in (0, 1)]
-    print("\npoolwatch's own cost (instrumented minus bare of the same shape, same round):")
-    print(f"{'':<26}{'idle ms/s per worker':>26}{'µs per request':>20}")
-    print(f"{'single-process mode':<26}{single[0] * 1e3:>26.2f}{single[1] * 1e6:>20.1f}")
-    print(f"{'pre-fork mode':<26}{multi[0] * 1e3:>26.2f}{multi[1] * 1e6:>20.1f}")
-    print(
-        f"{'ratio pre-fork / single':<26}{multi[0] / single[0]:>26.2f}{multi[1] / single[1]:>20.2f}"
+    single = against("bare, 1 process", "poolwatch, 1 process")
+    multi = against(f"bare, {many}", f"poolwatch, {many}")
+    mode = against(f"poolwatch, {many}, no target", f"poolwatch, {many}")
+    print("\nmedians of the per-round comparisons")
+    print(f"{'':<34}{'idle ms/s per worker added':>26}{'per request, ratio':>20}")
+    for label, (idle, request) in (
+        ("poolwatch / bare, 1 process", single),
+        (f"poolwatch / bare, {many}", multi),
+        ("pre-fork target / no target", mode),
+    ):
+        print(f"{label:<34}{med(idle) * 1e3:>26.2f}{med(request):>20.3f}")
+    idle_price = med(m / s for m, s in zip(multi[0], single[0], strict=True))
+    request_price = med(m / s for m, s in zip(multi[1], single[1], strict=True))
+    print(f"{'pre-fork / single-process mode':<34}{idle_price:>26.2f}{request_price:>20.3f}")
+    spreads = ", ".join(
+        f"{name} {max(v[1] for v in values) / min(v[1] for v in values) - 1:.0%}"
+        for name, values in runs.items()
     )
-    bare_requests = [run[1] for run in runs[names[2]]]
-    spread = max(bare_requests) / min(bare_requests) - 1
-    print(f"(run-to-run spread of the bare {workers}-worker server per request: {spread:.0%})")
+    print(f"(per-request CPU, max/min - 1 over the rounds: {spreads})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()

@@ -19,7 +19,7 @@ import urllib.error
 import pytest
 
 from tests.support.apps import REPO, start_app, stop_process
-from tests.support.exporter import PYTHONPATH, start_workers
+from tests.support.exporter import PYTHONPATH, start_workers, worker_pids
 from tests.support.net import free_port, get, scrape, wait_for, wait_for_port
 
 WORKERS_APP = "tests.apps.workers_app:app"
@@ -28,19 +28,6 @@ POOL_SERIES = "db_client_connection_max"
 
 def workers_of(samples, name: str = POOL_SERIES) -> set[str]:
     return {s.labels.get("worker") for s in samples.find(name)}
-
-
-def worker_pids(server) -> set[str]:
-    """The server's worker processes (its children but multiprocessing's resource tracker)."""
-    pid = server.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        pids = f.read().split()
-    workers = set()
-    for child in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"resource_tracker" not in f.read():
-                workers.add(child)
-    return workers
 
 
 def serving_worker(app) -> str:

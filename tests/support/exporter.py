@@ -104,6 +104,20 @@ class WorkersServer(AppServer):
         self.proc.wait(timeout=5)
 
 
+def worker_pids(server: AppServer) -> set[str]:
+    """The pids of a pre-fork server's workers: its children, but multiprocessing's resource
+    tracker (uvicorn's and hypercorn's spawned workers come with one)."""
+    pid = server.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    workers = set()
+    for child in children:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                workers.add(child)
+    return workers
+
+
 def start_workers(
     server: str,
     target: str,
