@@ -313,6 +313,19 @@ def test_apps_started_by_one_parent_keep_their_own_metrics(tmp_path):
     assert list(tmpdir.iterdir()) == []  # no shared directory was ever made
 
 
+def test_uvicorn_reload_is_a_single_process(tmp_path):
+    """uvicorn --reload runs its app in a spawned child, one at a time: single-process mode."""
+    env = app_env(tmp_path, bare=False)
+    app = start_app(WORKERS_APP, env, server_args=["--reload", "--reload-dir", "tests/apps"])
+    try:
+        samples = wait_for(lambda: try_scrape(app), timeout=10)
+        assert samples.find(POOL_SERIES)
+        assert not [s for s in samples.samples if "worker" in s.labels]
+    finally:
+        app.stop()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 async def test_stopping_frees_the_port_without_blocking_the_loop():
     """The agent stopped inside a running loop (a lifespan shutdown): back in < 20 ms, the port
     free at once (an app built per test starts again on it)."""
