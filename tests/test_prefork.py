@@ -369,11 +369,16 @@ def test_gunicorn_preload_and_recycled_workers(tmp_path):
             return now if len(now) == 2 and not now & exclude else None
 
         first = wait_for(workers)
-        for _ in range(40):  # 20 requests a worker on average: each recycled at least once
-            # a worker that reached --max-requests drops a connection now and then, bare too
-            with contextlib.suppress(OSError):
-                get(app.url + "/ok")
-        now = wait_for(lambda: workers(first), timeout=20)
+
+        def recycled():
+            """both first workers recycled: the target shows two others"""
+            for _ in range(5):
+                # a worker that reached --max-requests drops a connection now and then, bare too
+                with contextlib.suppress(OSError):
+                    get(app.url + "/ok")
+            return workers(first)
+
+        now = wait_for(recycled, timeout=30)
         assert now <= worker_pids(app)
     finally:
         app.stop()
