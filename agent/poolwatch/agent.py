@@ -68,6 +68,9 @@ class Agent:
         self._stops: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self.metrics_port: int | None = None  # the bound port, once listening
+        self.metrics_off: str | None = None  # why this process's series are served nowhere
+        self.worker: str | None = None  # the `worker` label, in a pre-fork server's worker
+        self._shared: Any = None  # exporters.prefork.SharedTarget, in a pre-fork worker
         self._registries: list[Any] = []  # the app's prometheus_client registries we are in
         self.port_explicit = False  # metrics_port/POOLWATCH_METRICS_PORT given at instrument()
         self._apps: list[weakref.ref[Any]] = []  # the apps instrument() was given
@@ -175,33 +178,91 @@ class Agent:
                         continue
                     if stop is not None:
                         self._stops.append(stop)
-            logger.info("poolwatch started", metrics=self.metrics_url, pid=os.getpid())
+            where: dict[str, Any] = {"metrics": self.metrics_url or f"off: {self.metrics_off}"}
+            if self._shared is not None:
+                where.update(worker=self.worker, served_by=self.served_by or "none yet")
+            logger.info("poolwatch started", **where, pid=os.getpid())
 
     @property
     def metrics_url(self) -> str | None:
-        """Where this process serves ``/metrics`` (None: it does not)."""
+        """Where this process's series are served on ``/metrics`` (None: nowhere). In a worker
+        of a pre-fork server, the one target of all its workers, whichever worker serves it."""
         settings = self.settings
+        if self._shared is not None:  # None while another program holds the port
+            return None if self._shared.port_error else self._shared.url
         if self.metrics_port is None or settings is None:
             return None
         host = settings.metrics_addr
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.metrics_port}/metrics"
 
+    @property
+    def served_by(self) -> str | None:
+        """In a pre-fork server's worker: the ``worker`` id of the worker serving the target."""
+        shared = self._shared
+        return shared.served_by() if shared is not None else None
+
     def _start_listener(self, settings: Settings) -> None:
+        from .exporters.prefork import prefork_parent
+
         if settings.multiproc_dir:
+            self.metrics_off = f"published to {settings.multiproc_dir} for `poolwatch exporter`"
             self._start_multiproc(settings)  # `poolwatch exporter` serves this worker
+        elif settings.metrics_port == 0 or (self._registries and not self.port_explicit):
+            self.metrics_off = "no listener (POOLWATCH_METRICS_PORT=0)"
+            if self._registries:  # registry=, or OpenTelemetry's Prometheus exporter's
+                self.metrics_off = "no listener; the series are in the app's own registry"
+        elif (parent := prefork_parent()) is not None:
+            self._start_prefork(settings, *parent)
         else:
             self._start_prometheus(settings)
 
-    def _start_prometheus(self, settings: Settings) -> None:
-        if settings.metrics_port == 0 or (self._registries and not self.port_explicit):
-            return  # off, or the app's own /metrics shows poolwatch's series
+    def _start_prefork(self, settings: Settings, server: str, parent: int) -> None:
+        """A worker of a pre-fork server: one target for all its workers (exporters/prefork)."""
+        from .exporters import prefork
+        from .exporters.multiproc import WorkerIdInUse
+        from .exporters.prometheus import PoolwatchCollector
+
+        self.worker = worker = settings.worker or str(os.getpid())
+        own = PoolwatchCollector(self.registry.collect, {"worker": worker})
+        try:
+            directory = prefork.directory_for(parent, settings.metrics_port)
+            shared = prefork.join(server, directory, worker, own, settings)
+        except WorkerIdInUse:
+            self.metrics_off = f"POOLWATCH_WORKER={worker} is taken"
+            raise Unavailable(
+                "exporter",
+                f"poolwatch: this {server} worker's series are not served: POOLWATCH_WORKER="
+                f"{worker}: another live worker of this server has the same id. Unset "
+                "POOLWATCH_WORKER (the default is the process id) or give each worker its own.",
+            ) from None
+        except OSError as exc:
+            with contextlib.suppress(Unavailable):  # the worker holding the port serves itself
+                self._start_prometheus(settings, {"worker": worker})
+            where = f"{exc.filename}: " if exc.filename else ""  # no temporary directory: none
+            if self.metrics_port is None:
+                self.metrics_off = f"the workers cannot share a directory ({exc.strerror or exc})"
+            raise Unavailable(
+                "exporter",
+                f"poolwatch: the {server} workers' metrics are not shared: {where}"
+                f"{exc.strerror or exc}; /metrics shows only the worker that holds "
+                f"POOLWATCH_METRICS_PORT={settings.metrics_port}. Set TMPDIR to a directory this "
+                "user can write (and remove what is at that path if poolwatch did not make it), "
+                "or set POOLWATCH_MULTIPROC_DIR and run `poolwatch exporter`.",
+            ) from None
+        self._shared = shared
+        self._stops.append(shared.stop)
+        if shared.port_error is not None:
+            self.metrics_off = f"another program holds port {settings.metrics_port}"
+            raise Unavailable("exporter", shared.port_taken_message())
+
+    def _start_prometheus(self, settings: Settings, labels: dict[str, str] | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
         from .exporters.prometheus import MetricsServer, PoolwatchCollector, metrics_app
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(PoolwatchCollector(self.registry.collect))
+        registry.register(PoolwatchCollector(self.registry.collect, labels))
         try:
             server = MetricsServer(
                 metrics_app(registry, settings.metrics_token),
@@ -210,6 +271,7 @@ class Agent:
             )
         except OSError as exc:
             where = f"{settings.metrics_addr}:{settings.metrics_port}"
+            self.metrics_off = f"no listener on {where} ({exc.strerror or exc})"
             raise Unavailable(
                 "exporter",
                 f"poolwatch: no /metrics listener: POOLWATCH_METRICS_PORT={settings.metrics_port}: "
@@ -371,6 +433,7 @@ class Agent:
             stops, self._stops = self._stops, []
             self.started = False
             self.metrics_port = None
+            self.metrics_off = self.worker = self._shared = None
         for stop in reversed(stops):
             try:
                 stop()

@@ -249,7 +249,8 @@ EXPORTER_WORKERS = _m(
     "poolwatch.exporter.workers",
     GAUGE,
     "{worker}",
-    "Live workers whose metrics this exporter serves (files in POOLWATCH_MULTIPROC_DIR).",
+    "Live workers whose metrics this target serves (a pre-fork server's workers, or the files "
+    "in POOLWATCH_MULTIPROC_DIR).",
 )
 
 # --- PostgreSQL server view (`poolwatch exporter --postgres-dsn`); no semconv exists: the names

@@ -1,4 +1,4 @@
-"""``poolwatch exporter`` as a real subprocess, and app servers with several workers."""
+"""``poolwatch exporter`` as a real subprocess, and pre-fork app servers with several workers."""
 
 from __future__ import annotations
 
@@ -104,8 +104,33 @@ class WorkersServer(AppServer):
         self.proc.wait(timeout=5)
 
 
-def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -> AppServer:
-    """``target`` under gunicorn with uvicorn workers, or ``uvicorn --workers``."""
+def worker_pids(server: AppServer) -> set[str]:
+    """The pids of a pre-fork server's workers: its children, but multiprocessing's resource
+    tracker (uvicorn's and hypercorn's spawned workers come with one)."""
+    pid = server.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    workers = set()
+    for child in children:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                workers.add(child)
+    return workers
+
+
+def start_workers(
+    server: str,
+    target: str,
+    workers: int,
+    env: dict[str, str],
+    *,
+    metrics_port: int = 0,
+    server_args: list[str] | None = None,
+    prefix: list[str] | None = None,
+) -> AppServer:
+    """``target`` under gunicorn with uvicorn workers, ``uvicorn --workers`` or hypercorn
+    ``--workers``, POOLWATCH_METRICS_PORT=``metrics_port`` (0: off); ``prefix`` goes before
+    the command."""
     port = free_port()
     bind = ["127.0.0.1", str(port)]
     if server == "gunicorn":
@@ -113,12 +138,23 @@ def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -
             *(sys.executable, "-m", "gunicorn", target, "-k", "uvicorn_worker.UvicornWorker"),
             *("-w", str(workers), "-b", ":".join(bind), "--log-level", "warning"),
         ]
+    elif server == "hypercorn":
+        cmd = [
+            *(sys.executable, "-m", "hypercorn", target, "--workers", str(workers)),
+            *("--bind", ":".join(bind), "--log-level", "warning"),
+        ]
     else:
         cmd = [
             *(sys.executable, "-m", "uvicorn", target, "--workers", str(workers)),
             *("--host", bind[0], "--port", bind[1], "--log-level", "warning"),
         ]
-    full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, "POOLWATCH_METRICS_PORT": "0", **env}
+    cmd = [*(prefix or []), *cmd, *(server_args or [])]
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": PYTHONPATH,
+        "POOLWATCH_METRICS_PORT": str(metrics_port),
+        **env,
+    }
     log_path = _log_file(f"poolwatch-{server}-")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -129,7 +165,7 @@ def start_workers(server: str, target: str, workers: int, env: dict[str, str]) -
             cwd=REPO,
             start_new_session=True,
         )
-    app = WorkersServer(proc, port, 0, log_path, full_env)
+    app = WorkersServer(proc, port, metrics_port, log_path, full_env)
     try:
         wait_for_port(port, proc=proc)
     except Exception:

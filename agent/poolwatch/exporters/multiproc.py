@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import quote
 
 from prometheus_client.core import Metric as PromFamily
@@ -63,25 +64,42 @@ def _same_file(fd: int, path: str) -> bool:
         return False
 
 
-def _hold_lock(path: str) -> int:
-    """An exclusive flock on ``path``, held until the returned fd is closed."""
-    deadline = time.monotonic() + _LOCK_WAIT
+def try_lock(path: str) -> int | None:
+    """An exclusive flock on ``path`` (created if need be), or None if someone else holds it.
+    Held until the returned fd is closed; closed in children forked meanwhile."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            if time.monotonic() > deadline:
-                raise WorkerIdInUse(path) from None
-            time.sleep(0.01)  # start-up only: the exporter is probing this lock right now
-            continue
+            return None
         except BaseException:
             os.close(fd)
             raise
         if _same_file(fd, path):
+            _held_fds.add(fd)
             return fd
-        os.close(fd)  # the exporter removed a dead worker's lock file meanwhile: lock the new one
+        os.close(fd)  # its holder removed it meanwhile: lock the file now at that path
+
+
+def release_lock(fd: int, path: str) -> None:
+    """Remove ``path`` (while still locked, so no one else holds this inode) and unlock it."""
+    if _same_file(fd, path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    _held_fds.discard(fd)
+    os.close(fd)
+
+
+def _hold_lock(path: str) -> int:
+    """An exclusive flock on ``path``, held until the returned fd is closed."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while (fd := try_lock(path)) is None:
+        if time.monotonic() > deadline:
+            raise WorkerIdInUse(path)
+        time.sleep(0.01)  # start-up only: the exporter is probing this lock right now
+    return fd
 
 
 class Publisher:
@@ -93,6 +111,8 @@ class Publisher:
         worker: str,
         render: Callable[[], bytes],
         interval: float = PUBLISH_INTERVAL,
+        *,
+        start: bool = True,
     ) -> None:
         os.makedirs(directory, exist_ok=True)
         stem = file_stem(worker)
@@ -101,7 +121,6 @@ class Publisher:
         self._tmp_path = os.path.join(directory, f".{stem}.prom.tmp")  # hidden: never read
         self._render, self._interval = render, interval
         self._fd = _hold_lock(self._lock_path)
-        _held_fds.add(self._fd)
         try:  # fail now, at start-up, if files cannot be written here
             with open(self._tmp_path, "wb"):
                 pass
@@ -111,7 +130,8 @@ class Publisher:
             raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolwatch-multiproc", daemon=True)
-        self._thread.start()
+        if start:  # else the caller starts the thread (a subclass finishing its set-up)
+            self._thread.start()
 
     def publish(self) -> None:
         data = self._render()
@@ -131,17 +151,15 @@ class Publisher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         for path in (self.path, self._tmp_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._release()
 
     def _release(self) -> None:
-        if _same_file(self._fd, self._lock_path):
-            os.unlink(self._lock_path)  # while still locked, so no one else holds this inode
-        _held_fds.discard(self._fd)
-        os.close(self._fd)
+        release_lock(self._fd, self._lock_path)
 
 
 # --- the exporter side ------------------------------------------------------------------------
@@ -159,7 +177,9 @@ def _alive(lock_path: str) -> bool:
         except BlockingIOError:
             return True
         if _same_file(fd, lock_path):  # removed while locked: a new worker takes a fresh file
-            _remove(lock_path[: -len(".lock")] + ".prom")
+            directory, name = os.path.split(lock_path[: -len(".lock")])
+            _remove(os.path.join(directory, f"{name}.prom"))
+            _remove(os.path.join(directory, f".{name}.prom.tmp"))  # killed mid-write
             _remove(lock_path)
         return False
     finally:
@@ -185,12 +205,8 @@ def live_files(directory: str, stale_after: float = STALE_AFTER) -> Iterator[tup
         stem = name[: -len(".prom")]
         path = os.path.join(directory, name)
         if not _alive(os.path.join(directory, f"{stem}.lock")):
-            if f"{stem}.lock" not in names:  # no lock at all: remove once surely abandoned
-                try:
-                    if now - os.stat(path).st_mtime > stale_after:
-                        _remove(path)
-                except FileNotFoundError:
-                    pass
+            if f"{stem}.lock" not in names:
+                _remove_abandoned(path, now - stale_after)
             continue
         try:
             with open(path, encoding="utf-8") as f:
@@ -202,6 +218,26 @@ def live_files(directory: str, stale_after: float = STALE_AFTER) -> Iterator[tup
             _warn_once(stem, "worker is alive but its file is stale: skipped", age=round(age, 1))
             continue
         yield stem, text
+
+
+def _remove_abandoned(path: str, older_than: float) -> None:
+    """A file without a lock at all: removed once surely abandoned (not one being created)."""
+    try:
+        if os.stat(path).st_mtime < older_than:
+            _remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def sweep(directory: str, stale_after: float = STALE_AFTER) -> None:
+    """Remove the files of dead workers, including those that have no ``.prom`` file."""
+    names = set(os.listdir(directory))
+    older_than = time.time() - stale_after
+    for name in names:
+        if name.endswith(".lock"):
+            _alive(os.path.join(directory, name))
+        elif name.endswith(".prom") and f"{name[: -len('.prom')]}.lock" not in names:
+            _remove_abandoned(os.path.join(directory, name), older_than)
 
 
 _warned: set[tuple[str, str]] = set()
@@ -220,17 +256,30 @@ class WorkersCollector:
     an exposition, so families are merged by name (the first one's help and type are kept).
     """
 
-    def __init__(self, directory: str, stale_after: float = STALE_AFTER) -> None:
+    def __init__(
+        self,
+        directory: str,
+        stale_after: float = STALE_AFTER,
+        local: Any = None,
+        exclude: str | None = None,
+    ) -> None:
+        # local: a collector of this very process, served live and counted as a worker (a
+        # pre-fork server's serving worker); exclude: its own file stem, never read.
         self.directory, self.stale_after = directory, stale_after
+        self.local, self.exclude = local, exclude
 
     def collect(self) -> Iterator[PromFamily]:
         merged: dict[str, PromFamily] = {}
         workers = 0
+        if self.local is not None:
+            workers = 1
+            merged = {family.name: family for family in self.local.collect()}
         try:
             files = list(live_files(self.directory, self.stale_after))
         except OSError as exc:  # the directory is gone or unreadable: /healthz says so too
             _warn_once(self.directory, "cannot read the multiproc directory", error=str(exc))
             files = []
+        files = [(stem, text) for stem, text in files if stem != self.exclude]
         for stem, text in files:
             try:
                 parsed = list(text_string_to_metric_families(text))

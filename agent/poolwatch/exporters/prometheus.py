@@ -4,8 +4,11 @@ served from its own thread so ``/metrics`` answers while the event loop is block
 from __future__ import annotations
 
 import hmac
+import os
+import selectors
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -128,7 +131,12 @@ def metrics_app(
 
 
 class MetricsServer:
-    """``/metrics`` on a daemon thread (independent of any event loop)."""
+    """``/metrics`` on a daemon thread (independent of any event loop).
+
+    ``stop()`` returns at once with the port free: the serving thread waits on the listening
+    socket *and* a wake-up socket, so it need not poll (``socketserver.shutdown()`` waits up to
+    its 0.5 s poll interval, on the event loop at every lifespan shutdown).
+    """
 
     def __init__(self, app: Any, addr: str, port: int) -> None:
         server_class = _ThreadingWSGIServer
@@ -139,13 +147,48 @@ class MetricsServer:
         self._server = make_server(
             addr, port, app, server_class=server_class, handler_class=_QuietHandler
         )
+        self._server.timeout = 0  # handle_request() only runs once the socket is ready
         self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="poolwatch-metrics", daemon=True
-        )
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        _servers.add(self)
+        self._thread = threading.Thread(target=self._serve, name="poolwatch-metrics", daemon=True)
         self._thread.start()
 
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is self._server.socket and not self._stopping:
+                        self._server.handle_request()  # accept; a thread answers it
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake_w.send(b"x")
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2)  # microseconds: it is woken, not polled
+        self._close()
+
+    def _close(self) -> None:
+        _servers.discard(self)
+        self._server.server_close()  # the port is free from here on
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+_servers: weakref.WeakSet[MetricsServer] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    # A child forked by the app (multiprocessing's fork) inherits the listening socket, which
+    # would keep the port taken after this process is gone; the child has no serving thread.
+    for server in list(_servers):
+        server._stopping = True
+        server._close()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
