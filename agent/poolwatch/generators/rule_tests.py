@@ -415,7 +415,7 @@ def selector_labels(selector: str) -> tuple[dict[str, str], dict[str, str] | Non
         elif op == "=~":
             inside[key] = _value_matching(key, value, usual)
         else:
-            inside[key] = next(c for c in (usual, f"{usual}-x", "x") if not _matches(op, value, c))
+            inside[key] = next(c for c in (usual, f"{usual}-x", "x") if _matches(op, value, c))
     for key, op, value in matchers:
         candidates = (f"other-{inside[key]}", "other", value)
         other = next((c for c in candidates if not _matches(op, value, c)), None)
