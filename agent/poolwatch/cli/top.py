@@ -244,11 +244,11 @@ def render_lines(
         )
     blocks = snap.other.get(m.LOOP_BLOCKS.sample())
     if blocks is not None:
-        count, total = m.LOOP_LAG.sample("count"), m.LOOP_LAG.sample("sum")
-        lag_count, lag_sum = snap.other.get(count, 0), snap.other.get(total, 0)
+        counted, summed = m.LOOP_LAG.sample("count"), m.LOOP_LAG.sample("sum")
+        lag_count, lag_sum = snap.other.get(counted, 0), snap.other.get(summed, 0)
         if previous is not None:
-            lag_count -= previous.other.get(count, 0)
-            lag_sum -= previous.other.get(total, 0)
+            lag_count -= previous.other.get(counted, 0)
+            lag_sum -= previous.other.get(summed, 0)
         mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
         lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
     return lines

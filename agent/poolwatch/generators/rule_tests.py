@@ -209,7 +209,7 @@ def _raw_series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], st
         bad, good = {**TARGET, WORKER: "1"}, {**TARGET, WORKER: "2"}
     out = []
     for le in [*_buckets(t), math.inf]:
-        increments = []
+        increments: list[tuple[float, int]] = []
         for level, count in steps:
             if not level:  # no observations
                 increments.append((0, count))
