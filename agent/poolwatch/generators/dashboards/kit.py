@@ -40,8 +40,7 @@ except ImportError as exc:  # only `poolwatch generate` needs it
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAG = "poolwatch"
 
-# The variables every query filters on; a replica is one process.
-REPLICA = "namespace, job, instance, worker"
+# The variables every query filters on.
 TARGET = (
     'namespace=~"$namespace", job=~"$job", service=~"$service", '
     'instance=~"$instance", worker=~"$worker"'
@@ -51,7 +50,6 @@ POOL = f'{TARGET}, {P}=~"$pool"'
 HOST = f'{TARGET}, server_address=~"$host"'
 RATE = "$__rate_interval"
 JP = f"job, {P}"  # fleet aggregation of pool panels: one series per service and pool
-SERVER = promql.SERVER  # a database server in the sidecar's view
 
 
 # --- panels -------------------------------------------------------------------------------------
