@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poolwatch import gen_alerts
-from poolwatch.gen_alerts import (
-    ALERTMANAGER_PATH,
-    POOL,
-    RULES_PATH,
-    SIGNALS,
-    rule_groups,
-    value_text,
-)
+from poolwatch.generators import rules as gen_rules
+from poolwatch.generators.alertmanager import ALERTMANAGER_PATH
+from poolwatch.generators.promql import POOL
+from poolwatch.generators.rules import RULES_PATH, SIGNALS, rule_groups, value_text
 from poolwatch.thresholds import ThresholdError, defaults, load
 from tests.support.alerting import SHORT_WINDOWS, generate
 
@@ -172,7 +167,7 @@ def test_every_runbook_url_points_at_a_runbook_section():
         assert rule["alert"] in text  # the section names its alerts
     for link in re.findall(r"\]\(#([^)]+)\)", text):  # the runbook's own cross-references
         assert link in anchors, link
-    from poolwatch.gen_dashboards import panel_path
+    from poolwatch.generators.dashboards import panel_path
 
     for signal in SIGNALS:  # each section links the dashboard panel of its signal
         section = text.split(f"## {signal.key}\n", 1)[1].split("\n## ", 1)[0]
@@ -186,14 +181,14 @@ def test_rule_groups_take_placeholders_for_every_value():
     values must give exactly the committed rules, so no value is left hard-coded."""
     table = defaults()
     groups = rule_groups(table, param=lambda key, field: f"PARAM_{key}_{field}")
-    text = gen_alerts.to_yaml({"groups": groups})
+    text = gen_rules.to_yaml({"groups": groups})
     for signal in SIGNALS:
         fields = ["warning", "critical", "for"] + (["window"] if table[signal.key].window else [])
         for name in fields:
             placeholder = f"PARAM_{signal.key}_{name}"
             assert placeholder in text
             text = text.replace(placeholder, value_text(table[signal.key], name))
-    assert gen_alerts.HEADER + text == (REPO / RULES_PATH).read_text()
+    assert gen_rules.HEADER + text == (REPO / RULES_PATH).read_text()
 
 
 def test_windows_are_overridable_only_where_a_rate_is_taken(tmp_path):

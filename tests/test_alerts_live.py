@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from poolwatch.gen_alerts import RULES_PATH
+from poolwatch.generators.rules import RULES_PATH
 from tests.support.alerting import (
     SHORT_WINDOWS,
     Load,

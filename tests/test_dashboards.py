@@ -22,7 +22,9 @@ import psycopg
 import pytest
 
 from poolwatch import metrics
-from poolwatch.gen_dashboards import ALERT_PANELS, UID, panel_path, render
+from poolwatch.generators.dashboards import ALERT_PANELS, UID, panel_path, render
+from poolwatch.generators.promql import RECORDS
+from poolwatch.generators.rules import RULES_PATH
 from poolwatch.thresholds import defaults, load
 from tests.support.apps import REPO, start_app
 from tests.support.exporter import run_exporter, start_workers
@@ -84,7 +86,8 @@ def targets(dashboard: dict) -> list[Target]:
 
 
 def contract_series() -> set[str]:
-    """Every Prometheus series name of the metric contract (metrics.py)."""
+    """Every Prometheus series name of the metric contract (metrics.py), and the series of the
+    recording rules (the panels of the alerts' signals read those)."""
     names = set()
     for metric in vars(metrics).values():
         if isinstance(metric, metrics.Metric):
@@ -95,7 +98,7 @@ def contract_series() -> set[str]:
                 names.add(f"{base}_total")
             else:
                 names.add(base)
-    return names
+    return names | set(RECORDS.values())
 
 
 # --- generated from the table --------------------------------------------------------------------
@@ -126,7 +129,8 @@ def test_the_agent_does_not_need_the_dashboard_builder():
     code = (
         "import sys; sys.modules['grafana_foundation_sdk'] = None\n"
         "import poolwatch; poolwatch.instrument(metrics_port=0)\n"
-        "from poolwatch.gen_dashboards import panel_path; print(panel_path('loop_lag_p99'))\n"
+        "from poolwatch.generators.dashboards import panel_path\n"
+        "print(panel_path('loop_lag_p99'))\n"
         "from poolwatch.cli import main; sys.exit(main(['generate', '--check']))\n"
     )
     result = subprocess.run(
@@ -438,6 +442,7 @@ def live(postgres, tmp_path_factory) -> Iterator[LiveRun]:
         stack.callback(single.stop)
         prom = start_prometheus(
             {"checkout-api": [f"127.0.0.1:{exporter.port}", f"127.0.0.1:{single.metrics_port}"]},
+            [str(Path(REPO) / RULES_PATH)],  # the panels of the alerts' signals read the records
             labels={"namespace": "shop", "service": "checkout"},
         )
         stack.callback(prom.stop)
@@ -514,6 +519,10 @@ def test_fleet_budget_counts_every_replicas_pools_against_the_server(live, postg
             for name in ("max_connections", "superuser_reserved_connections")
         )
     assert [r["metric"] for r in result] == [
-        {"server_address": postgres.host, "server_port": str(postgres.port)}
+        {
+            "__name__": RECORDS["fleet_connection_budget"],
+            "server_address": postgres.host,
+            "server_port": str(postgres.port),
+        }
     ]
     assert float(result[0]["value"][1]) == pytest.approx(18 / (max_connections - reserved))

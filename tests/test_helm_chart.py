@@ -15,7 +15,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from poolwatch import gen_alerts
+from poolwatch.generators import alertmanager, rules
 from poolwatch.thresholds import defaults
 from tests.support.helmchart import (
     CHART,
@@ -88,10 +88,12 @@ FEATURES = {
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_a_disabled_feature_renders_nothing(feature):
     values = yaml.safe_load((CHART / "ci/all-on-values.yaml").read_text())
+    if feature == "alerts":
+        values["dashboards"]["enabled"] = False  # they keep the recording rules (tested below)
+    before = objects(render(values))
     values[feature]["enabled"] = False
     if feature == "exporter":
         values["serviceMonitor"]["enabled"] = False  # it scrapes the exporter
-    before = objects(render(VALUE_SETS["all-on-values.yaml"]))
     after = objects(render(values))
     gone = {(o["kind"], o["metadata"]["name"]) for o in before} - {
         (o["kind"], o["metadata"]["name"]) for o in after
@@ -131,7 +133,7 @@ def test_promtool_accepts_the_rendered_rule_groups(values_name, tmp_path):
 
 def test_default_values_render_exactly_the_projects_rule_groups():
     (rule,) = by_kind(objects(render({})), "PrometheusRule")
-    assert rule["spec"]["groups"] == gen_alerts.rule_groups(defaults())
+    assert rule["spec"]["groups"] == rules.rule_groups(defaults())
 
 
 def test_default_rules_carry_the_threshold_table():
@@ -393,12 +395,39 @@ def test_dashboards_become_configmaps_for_the_grafana_sidecar(chart_with_dashboa
     )
 
 
-def test_chart_dashboards_are_the_generated_ones():
-    from poolwatch.gen_helm import _dashboards
+def shipped_dashboards(values) -> dict[str, dict]:
+    maps = by_kind(objects(render(values)), "ConfigMap")
+    return {k: json.loads(v) for m in maps for k, v in m["data"].items() if k.endswith(".json")}
 
-    generated = {Path(p).name: text for p, text in _dashboards(defaults()).items()}
-    in_chart = {p.name: p.read_text() for p in (CHART / "dashboards").glob("*.json")}
-    assert in_chart == generated
+
+def test_chart_dashboards_are_the_generated_ones_with_the_charts_selector():
+    """The chart ships the dashboards `poolwatch generate` writes, and puts `.Values.selector`
+    where `poolwatch generate --overrides` puts the table's."""
+    from poolwatch.generators import dashboards
+
+    committed = {p.name: json.loads(p.read_text()) for p in (ROOT / "dashboards").glob("*.json")}
+    assert len(committed) == 4 and shipped_dashboards({}) == committed
+    table = defaults()
+    table.selector = 'job=~"shop.*", namespace!="test"'
+    generated = {Path(p).name: json.loads(t) for p, t in dashboards.render(table).items()}
+    assert shipped_dashboards({"selector": table.selector}) == generated
+    assert 'namespace!=\\"test\\"' in json.dumps(generated)
+
+
+def test_the_charts_selector_reaches_every_rule():
+    table = defaults()
+    table.selector = 'job=~"shop.*"'
+    (rule,) = by_kind(objects(render({"selector": table.selector})), "PrometheusRule")
+    assert rule["spec"]["groups"] == rules.rule_groups(table)
+    assert rule["spec"]["groups"] != rules.rule_groups(defaults())
+
+
+def test_the_recording_rules_stay_for_the_dashboards_when_alerts_are_off():
+    (rule,) = by_kind(objects(render({"alerts": {"enabled": False}})), "PrometheusRule")
+    (group,) = rule["spec"]["groups"]
+    assert [r.get("alert") for r in group["rules"]] == [None] * 7  # the 7 recording rules
+    off = {"alerts": {"enabled": False}, "dashboards": {"enabled": False}}
+    assert by_kind(objects(render(off)), "PrometheusRule") == []
 
 
 # --- the alert routing ----------------------------------------------------------------------
@@ -442,8 +471,8 @@ def test_alertmanager_config_pages_critical_and_chats_warning():
 
 def test_alertmanager_defaults_group_and_inhibit_like_the_alert_rules():
     spec = alertmanager_config(VALUE_SETS["all-on-values.yaml"])
-    assert spec["route"]["groupBy"] == gen_alerts.GROUP_BY
-    assert spec["inhibitRules"][0]["equal"] == gen_alerts.INHIBIT_EQUAL
+    assert spec["route"]["groupBy"] == alertmanager.GROUP_BY
+    assert spec["inhibitRules"][0]["equal"] == alertmanager.INHIBIT_EQUAL
 
 
 def test_alertmanager_config_mirrors_alerts_alertmanager_yml():

@@ -433,8 +433,8 @@ def test_culprit_rule():
     scripts = sysconfig.get_paths()["scripts"]  # pip's entry points (bin/uvicorn) are libraries
     assert code_kind(f"{scripts}/uvicorn", "__main__", none) == LIBRARY
     # the demo: its module is the app, the rest of poolwatch is not
-    demo = frozenset({"poolwatch.demo"})
-    assert code_kind(f"{site}/poolwatch/demo.py", "poolwatch.demo", demo) == APP
+    demo = frozenset({"poolwatch.cli.demo"})
+    assert code_kind(f"{site}/poolwatch/cli/demo.py", "poolwatch.cli.demo", demo) == APP
     assert code_kind(f"{site}/poolwatch/asgi.py", "poolwatch.asgi", demo) == STDLIB
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from poolwatch.gen_alerts import ALERTMANAGER_PATH, POOL, RULES_PATH
+from poolwatch.generators.alertmanager import ALERTMANAGER_PATH
+from poolwatch.generators.promql import POOL
+from poolwatch.generators.rules import RULES_PATH
 from tests.support.alerting import (
     SHORT_WINDOWS,
     Load,

@@ -28,6 +28,15 @@ def test_defaults_are_the_design_table():
     assert table["pool_utilization"].level(0.70) == "ok"
 
 
+def test_the_selector_is_empty_by_default_and_overridable(tmp_path):
+    assert defaults().selector == ""
+    path = tmp_path / "mine.toml"
+    path.write_text('selector = \' job=~"shop-.*", namespace="prod" \'\n')
+    table = load(path)
+    assert table.selector == 'job=~"shop-.*", namespace="prod"'
+    assert dict(table) == dict(defaults())
+
+
 def test_override_changes_only_the_given_keys(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('[pool_utilization]\nwarning = 0.6\nfor = "10m"\n')
@@ -47,6 +56,8 @@ def test_override_changes_only_the_given_keys(tmp_path):
         ("[pool_utilization]\nwarning = 0.95\n", "warning must not exceed"),
         ("[pool_utilization\n", "not valid TOML"),
         ("[pool_utilization]\nwarn = 0.5\n", "is not a setting"),
+        ("selector = 'job=orders'\n", "must be PromQL label matchers without braces"),
+        ("selector = '{job=\"orders\"}'\n", "must be PromQL label matchers without braces"),
     ],
 )
 def test_bad_override_files_are_rejected_clearly(tmp_path, text, message):

@@ -12,6 +12,7 @@ import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from poolwatch.cli.scrape import parse
 from poolwatch.exporters.prometheus import PoolwatchCollector
 from poolwatch.metrics import (
     AIOHTTP_LIMIT,
@@ -27,7 +28,6 @@ from poolwatch.metrics import (
     HistogramValue,
     Point,
 )
-from poolwatch.view import parse
 from tests.support import planted
 from tests.support.apps import REPO
 from tests.support.net import free_port, scrape, wait_for_port
@@ -209,8 +209,8 @@ def exposition(points: list[Point]) -> str:
 def test_loop_and_http_client_rows_with_threshold_colours():
     from rich.console import Console
 
+    from poolwatch.cli.top import Screen
     from poolwatch.thresholds import load
-    from poolwatch.top import Screen
 
     host = {"server_address": "api.internal", "server_port": "443"}
 

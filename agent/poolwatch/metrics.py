@@ -37,6 +37,13 @@ class Metric:
             base += "_seconds"
         return base
 
+    def sample(self, part: str = "") -> str:
+        """A sample name of the exposition: counters end in ``_total``; a histogram's ``part``
+        is ``bucket``, ``count`` or ``sum``. The commands and generators read names from here."""
+        if self.kind == COUNTER:
+            return f"{self.prom_name}_total"
+        return f"{self.prom_name}_{part}" if part else self.prom_name
+
 
 def prom_label(key: str) -> str:
     return key.replace(".", "_")

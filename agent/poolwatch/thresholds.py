@@ -1,4 +1,9 @@
-"""Loads the threshold table (``thresholds.toml`` in this package) and optional overrides."""
+"""Loads the threshold table (``thresholds.toml`` in this package) and optional overrides.
+
+The table is the signals' thresholds plus the deployment's ``selector``: PromQL label matchers
+(``job=~"shop.*"``) that every generated rule and dashboard query carries, so poolwatch's alerts
+never fire on another service that exports the same OpenTelemetry names.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_DURATION = re.compile(r"^[0-9]+(ms|s|m|h|d)$")
+# A Prometheus duration ("5m", "1h30m", "500ms"); kept readable: the chart's schema shows it.
+DURATION_PATTERN = "^([0-9]+(ms|s|m|h|d|w|y))+$"
+_DURATION = re.compile(DURATION_PATTERN)
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800, "y": 31_536_000}
+# PromQL label matchers, comma-separated, without braces: job=~"shop.*", namespace="prod"
+_MATCHER = r'[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"([^"\\]|\\.)*"'
+SELECTOR_PATTERN = f"^({_MATCHER}(\\s*,\\s*{_MATCHER})*)?$"
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a Prometheus duration; ``ValueError`` when ``text`` is not one."""
+    if not _DURATION.match(text):
+        raise ValueError(f"{text!r} is not a Prometheus duration")
+    return sum(int(n) * _UNITS[unit] for n, unit in re.findall(r"([0-9]+)(ms|s|m|h|d|w|y)", text))
 
 
 class ThresholdError(ValueError):
@@ -34,11 +52,24 @@ class Threshold:
         return "ok"
 
 
-def _parse(
-    data: dict[str, Any], where: str, base: dict[str, Threshold] | None
-) -> dict[str, Threshold]:
-    out = dict(base or {})
+class Table(dict[str, Threshold]):
+    """The signals by key (a plain mapping), and the deployment's ``selector``."""
+
+    selector: str = ""
+
+
+def _parse(data: dict[str, Any], where: str, base: Table | None) -> Table:
+    out = Table(base or {})
+    out.selector = base.selector if base is not None else ""
     for key, entry in data.items():
+        if key == "selector":
+            if not isinstance(entry, str) or not re.match(SELECTOR_PATTERN, entry.strip()):
+                raise ThresholdError(
+                    f"{where}: selector = {entry!r} must be PromQL label matchers without "
+                    """braces, like 'job=~"shop.*", namespace="prod"' (empty: every series)"""
+                )
+            out.selector = entry.strip()
+            continue
         if base is not None and key not in base:
             raise ThresholdError(
                 f"{where}: unknown signal {key!r}; known signals are {', '.join(sorted(base))}"
@@ -73,12 +104,12 @@ def _parse(
     return out
 
 
-def defaults() -> dict[str, Threshold]:
+def defaults() -> Table:
     text = resources.files("poolwatch").joinpath("thresholds.toml").read_text()
     return _parse(tomllib.loads(text), "thresholds.toml", None)
 
 
-def load(overrides: str | Path | None = None) -> dict[str, Threshold]:
+def load(overrides: str | Path | None = None) -> Table:
     """The table, with an override file (same shape, only the keys to change) applied."""
     table = defaults()
     if overrides is None:

@@ -1,11 +1,11 @@
-"""The demo's app (poolwatch.demo.build_app) served by uvicorn, for soak tests.
+"""The demo's app (poolwatch.cli.demo.build_app) served by uvicorn, for soak tests.
 
 ``DEMO_DATABASE_URL``, ``DEMO_UPSTREAM_URL``; ``TEST_APP_BARE=1`` serves it without poolwatch.
 """
 
 import os
 
-from poolwatch.demo import build_app
+from poolwatch.cli.demo import build_app
 
 app = build_app(
     os.environ["DEMO_DATABASE_URL"],

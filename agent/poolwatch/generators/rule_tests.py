@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
 
-from .gen_alerts import POOL, RULES_PATH, SIGNALS, WORKER, Signal, rule_groups, to_yaml
-from .metrics import BUCKETS
-from .thresholds import Threshold
+from .. import metrics as m
+from ..metrics import BUCKETS
+from ..thresholds import Threshold, duration_seconds
+from . import GeneratorError
+from .promql import HTTP_STATE, POOL, SCHEME, STATE, WORKER
+from .rules import RULES_PATH, SIGNALS, Signal, rule_groups, to_yaml
 
 TESTS_PATH = "tests/alerts/poolwatch_test.yaml"
 TARGET = {"job": "orders", "instance": "10.0.0.7:9464", "namespace": "shop", "service": "orders"}
@@ -30,8 +32,7 @@ _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def ms(duration: str) -> int:
-    number, unit = re.fullmatch(r"([0-9]+)(ms|s|m|h|d)", duration).groups()
-    return int(number) * _UNITS[unit]
+    return round(duration_seconds(duration) * 1000)
 
 
 def dur(millis: int) -> str:
@@ -129,42 +130,57 @@ def _counter(increments: list[tuple[float, int]]) -> str:
     return " ".join(out)
 
 
-def _s(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
-    body = ", ".join(f'{k}="{v}"' for k, v in labels.items())
-    return {"series": f"{name}{{{body}}}", "values": values}
+Series = tuple[str, dict[str, str], str]  # name, labels, promtool values
 
 
-def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_ms: int) -> list:
+def _s(name: str, labels: dict[str, str], values: str) -> Series:
+    return name, labels, values
+
+
+def _series(signal: Signal, t: Threshold, steps, step_ms: int, labels: dict[str, str]) -> list:
+    """``_raw_series`` in promtool's notation, with ``labels`` (the selector's) on each."""
+    out = []
+    for name, own, values in _raw_series(signal, t, steps, step_ms):
+        body = ", ".join(f'{k}="{_escape(v)}"' for k, v in {**own, **labels}.items())
+        out.append({"series": f"{name}{{{body}}}", "values": values})
+    return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _raw_series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_ms: int):
     """Input series: worker 1 follows ``steps`` [(level, count)], worker 2 stays healthy."""
     key, n = signal.key, sum(count for _, count in steps)
     pool = {**TARGET, POOL: POOL_NAME}
     bad, good = {**pool, WORKER: "1"}, {**pool, WORKER: "2"}
     if key == "pool_utilization":
-        used = {"db_client_connection_state": "used"}
+        used = {STATE: "used"}
         return [
-            _s("db_client_connection_count", {**bad, **used}, _gauge(steps)),
-            _s("db_client_connection_count", {**good, **used}, _gauge([(0.1, n)])),
-            *(_s("db_client_connection_max", w, f"{SCALE}x{n}") for w in (bad, good)),
+            _s(m.DB_COUNT.sample(), {**bad, **used}, _gauge(steps)),
+            _s(m.DB_COUNT.sample(), {**good, **used}, _gauge([(0.1, n)])),
+            *(_s(m.DB_MAX.sample(), w, f"{SCALE}x{n}") for w in (bad, good)),
         ]
     if key == "overflow_usage":  # max_overflow = max - idle_max = SCALE
         return [
-            _s("sqlalchemy_pool_overflow", bad, _gauge(steps)),
-            _s("sqlalchemy_pool_overflow", good, _gauge([(0.0, n)])),
-            *(_s("db_client_connection_max", w, f"{SCALE + 5}x{n}") for w in (bad, good)),
-            *(_s("db_client_connection_idle_max", w, f"5x{n}") for w in (bad, good)),
+            _s(m.SA_OVERFLOW.sample(), bad, _gauge(steps)),
+            _s(m.SA_OVERFLOW.sample(), good, _gauge([(0.0, n)])),
+            *(_s(m.DB_MAX.sample(), w, f"{SCALE + 5}x{n}") for w in (bad, good)),
+            *(_s(m.DB_IDLE_MAX.sample(), w, f"5x{n}") for w in (bad, good)),
         ]
     if key == "http_client_utilization":
         # worker 1 has a per-host limit (SCALE), worker 2 only a total limit (SCALE)
         bad, good = {**TARGET, WORKER: "1"}, {**TARGET, WORKER: "2"}
-        active = {**HOST, "url_scheme": "https", "http_connection_state": "active"}
-        idle = {**active, "http_connection_state": "idle"}
-        limit = "aiohttp_client_connection_limit"
+        active = {**HOST, SCHEME: "https", HTTP_STATE: "active"}
+        idle = {**active, HTTP_STATE: "idle"}
+        limit = m.AIOHTTP_LIMIT.sample()
         return [
-            _s("http_client_open_connections", {**bad, **active}, _gauge(steps)),
-            _s("http_client_open_connections", {**bad, **idle}, f"3x{n}"),
+            _s(m.HTTP_CLIENT_OPEN.sample(), {**bad, **active}, _gauge(steps)),
+            _s(m.HTTP_CLIENT_OPEN.sample(), {**bad, **idle}, f"3x{n}"),
             _s(limit, {**bad, "scope": "per_host"}, f"{SCALE}x{n}"),
             _s(limit, {**bad, "scope": "total"}, f"0x{n}"),
-            _s("http_client_open_connections", {**good, **active}, f"10x{n}"),
+            _s(m.HTTP_CLIENT_OPEN.sample(), {**good, **active}, f"10x{n}"),
             _s(limit, {**good, "scope": "per_host"}, f"0x{n}"),
             _s(limit, {**good, "scope": "total"}, f"{SCALE}x{n}"),
         ]
@@ -174,26 +190,26 @@ def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_m
         out = []
         for part, (replica, worker) in enumerate((r, w) for r in "ab" for w in "12"):
             labels = {**pool, "instance": f"orders-{replica}:9464", WORKER: worker}
-            out.append(_s("db_client_connection_max", labels, _gauge(steps, 4, part)))
+            out.append(_s(m.DB_MAX.sample(), labels, _gauge(steps, 4, part)))
         for name in ("db.other:5432/orders", "orders-cache"):
-            out.append(_s("db_client_connection_max", {**bad, POOL: name}, f"{SCALE}x{n}"))
+            out.append(_s(m.DB_MAX.sample(), {**bad, POOL: name}, f"{SCALE}x{n}"))
         for replica in "xy":
             exporter = {"job": "exporter", "instance": f"exporter-{replica}:9464", **SERVER}
-            out.append(_s("postgresql_connection_max", exporter, f"{SCALE + 3}x{n}"))
-            out.append(_s("postgresql_connection_reserved", exporter, f"3x{n}"))
+            out.append(_s(m.PG_CONNECTION_MAX.sample(), exporter, f"{SCALE + 3}x{n}"))
+            out.append(_s(m.PG_CONNECTION_RESERVED.sample(), exporter, f"3x{n}"))
         return out
     if key == "failed_checkouts":  # split over two workers: only their sum is over
         half = _counter([(level * step_ms / 60_000 / 2, count) for level, count in steps])
-        name = "db_client_connection_timeouts_total"
+        name = m.DB_TIMEOUTS.sample()
         return [_s(name, bad, half), _s(name, good, half)]
     # histograms: connection wait time (per pool), event-loop lag (per process)
-    name = "db_client_connection_wait_time_seconds_bucket"
+    name = m.DB_WAIT_TIME.sample("bucket")
     if key == "loop_lag_p99":
-        name = "asyncio_event_loop_lag_seconds_bucket"
+        name = m.LOOP_LAG.sample("bucket")
         bad, good = {**TARGET, WORKER: "1"}, {**TARGET, WORKER: "2"}
     out = []
     for le in [*_buckets(t), math.inf]:
-        increments = []
+        increments: list[tuple[float, int]] = []
         for level, count in steps:
             if not level:  # no observations
                 increments.append((0, count))
@@ -207,15 +223,15 @@ def _series(signal: Signal, t: Threshold, steps: list[tuple[float, int]], step_m
     return out
 
 
-def _alert_labels(signal: Signal, severity: str) -> dict[str, str]:
-    if signal.key == "fleet_connection_budget":
+def _alert_labels(signal: Signal, severity: str, selected: dict[str, str]) -> dict[str, str]:
+    if signal.key == "fleet_connection_budget":  # summed by server: no label of the apps'
         where = dict(SERVER)
     elif signal.key == "http_client_utilization":
-        where = {**TARGET, **HOST}
+        where = {**TARGET, **HOST, **selected}
     elif signal.key == "loop_lag_p99":
-        where = dict(TARGET)
+        where = {**TARGET, **selected}
     else:
-        where = {**TARGET, POOL: POOL_NAME}
+        where = {**TARGET, POOL: POOL_NAME, **selected}
     return {**where, "severity": severity, "signal": signal.key}
 
 
@@ -245,8 +261,8 @@ def _render_template(text: str, labels: dict[str, str], shown: str) -> str:
     return text
 
 
-def _expected(signal: Signal, rule: dict[str, Any], severity: str, value: float) -> dict:
-    labels = _alert_labels(signal, severity)
+def _expected(signal: Signal, rule: dict, severity: str, value: float, selected: dict) -> dict:
+    labels = _alert_labels(signal, severity, selected)
     shown = _show(signal, value)
     return {
         "exp_labels": labels,
@@ -256,7 +272,17 @@ def _expected(signal: Signal, rule: dict[str, Any], severity: str, value: float)
     }
 
 
-def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: int) -> list:
+def _signal_tests(
+    signal: Signal,
+    t: Threshold,
+    rules: dict[str, dict],
+    step: int,
+    selected: dict[str, str],
+    outside: dict[str, str] | None,
+) -> list:
+    """Firing, quiet and spike tests of one signal's alerts, on series carrying ``selected``
+    labels; with ``outside`` (labels the selector does not select) also another service whose
+    series are over critical, which must stay quiet."""
     kind = _kind(signal)
     hold = ms(t.for_)
     window = ms(t.window) if t.window else 0
@@ -302,7 +328,7 @@ def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: in
                     {
                         "eval_time": dur(at),
                         "alertname": name,
-                        "exp_alerts": [_expected(signal, rules[name], severity, value)]
+                        "exp_alerts": [_expected(signal, rules[name], severity, value, selected)]
                         if firing
                         else [],
                     }
@@ -311,7 +337,7 @@ def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: in
             {
                 "name": f"{signal.key}: just over {target} fires {names[target]} after {t.for_}",
                 "interval": dur(step),
-                "input_series": _series(signal, t, [(level, fire // step + 3)], step),
+                "input_series": _series(signal, t, [(level, fire // step + 3)], step, selected),
                 "alert_rule_test": checks,
             }
         )
@@ -326,7 +352,9 @@ def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: in
         {
             "name": f"{signal.key}: just under warning for longer than {t.for_} stays quiet",
             "interval": dur(step),
-            "input_series": _series(signal, t, [(under[kind], quiet_until // step + 2)], step),
+            "input_series": _series(
+                signal, t, [(under[kind], quiet_until // step + 2)], step, selected
+            ),
             "alert_rule_test": [
                 {"eval_time": dur(at), "alertname": name, "exp_alerts": []}
                 for at in (hold, quiet_until)
@@ -345,7 +373,7 @@ def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: in
             {
                 "name": f"{signal.key}: a spike over critical shorter than {t.for_} stays quiet",
                 "interval": dur(step),
-                "input_series": _series(signal, t, steps, step),
+                "input_series": _series(signal, t, steps, step, selected),
                 "alert_rule_test": [
                     {"eval_time": dur(at), "alertname": name, "exp_alerts": []}
                     for at in (hold, spike_steps * step + window, end)
@@ -353,7 +381,67 @@ def _signal_tests(signal: Signal, t: Threshold, rules: dict[str, dict], step: in
                 ],
             }
         )
+    if outside is not None:
+        over = [(levels["critical"], quiet_until // step + 2)]
+        tests.append(
+            {
+                "name": f"{signal.key}: another service over critical is not selected: quiet",
+                "interval": dur(step),
+                "input_series": _series(signal, t, over, step, outside),
+                "alert_rule_test": [
+                    {"eval_time": dur(at), "alertname": name, "exp_alerts": []}
+                    for at in (hold, quiet_until)
+                    for name in names.values()
+                ],
+            }
+        )
     return tests
+
+
+# --- labels that the selector selects, and labels it does not --------------------------------
+_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def selector_labels(selector: str) -> tuple[dict[str, str], dict[str, str] | None]:
+    """Labels that put a test series inside the selector, and labels that put it outside
+    (None when no series can be outside, e.g. ``job=~".*"``). Prometheus' regexes are anchored
+    RE2, Python's ``re.fullmatch`` agrees on the simple ones a selector uses."""
+    matchers = [(k, op, re.sub(r"\\(.)", r"\1", v)) for k, op, v in _MATCHER.findall(selector)]
+    inside: dict[str, str] = {}
+    for key, op, value in matchers:
+        usual = TARGET.get(key, "orders")
+        if op == "=":
+            inside[key] = value
+        elif op == "=~":
+            inside[key] = _value_matching(key, value, usual)
+        else:
+            inside[key] = next(c for c in (usual, f"{usual}-x", "x") if _matches(op, value, c))
+    for key, op, value in matchers:
+        candidates = (f"other-{inside[key]}", "other", value)
+        other = next((c for c in candidates if not _matches(op, value, c)), None)
+        if other is not None:
+            return inside, {**inside, key: other}
+    return inside, None
+
+
+def _matches(op: str, value: str, label: str) -> bool:
+    hit = label == value if op in ("=", "!=") else re.fullmatch(value, label) is not None
+    return hit if op in ("=", "=~") else not hit
+
+
+def _value_matching(key: str, regex: str, usual: str) -> str:
+    """A label value the regex matches: the usual one, or the regex made literal."""
+    candidates = [usual]
+    for alternative in regex.split("|"):
+        literal = alternative.strip("^$()").replace(".*", "").replace(".+", "x")
+        candidates.append(re.sub(r"\\(.)", r"\1", literal))
+    for candidate in candidates:
+        if _matches("=~", regex, candidate):
+            return candidate
+    raise GeneratorError(
+        f'selector {key}=~"{regex}": no label value for the promtool tests matches it; use a '
+        'simpler regex, e.g. a prefix like "shop-.*" or alternatives like "orders|payments"'
+    )
 
 
 def series_step(thresholds: Mapping[str, Threshold]) -> int:
@@ -369,9 +457,11 @@ def series_step(thresholds: Mapping[str, Threshold]) -> int:
 def render(thresholds: Mapping[str, Threshold]) -> dict[str, str]:
     step = series_step(thresholds)
     rules = {r["alert"]: r for g in rule_groups(thresholds) for r in g["rules"] if "alert" in r}
+    selector = getattr(thresholds, "selector", "")
+    selected, outside = selector_labels(selector) if selector else ({}, None)
     tests = []
     for signal in SIGNALS:
-        tests += _signal_tests(signal, thresholds[signal.key], rules, step)
+        tests += _signal_tests(signal, thresholds[signal.key], rules, step, selected, outside)
     depth = TESTS_PATH.count("/")
     document = {
         "rule_files": ["../" * depth + RULES_PATH],

@@ -1,5 +1,6 @@
 """``poolwatch top URL``: a live terminal view of any poolwatch ``/metrics`` (an app's or the
-sidecar exporter's), coloured by the threshold table.
+sidecar exporter's), coloured by the threshold table; and the plain-text lines ``poolwatch demo``
+prints (``render_lines``).
 
 Quantiles and rates are taken between two refreshes (histogram bucket and counter deltas), so
 the screen shows the last interval, not the process's lifetime; the first screen, with nothing
@@ -12,8 +13,10 @@ import os
 import time
 from typing import Any
 
-from .thresholds import Threshold
-from .view import HostRow, LoopRow, PoolRow, Snapshot, bar, delta, fetch, quantile
+from .. import metrics as m
+from ..thresholds import Threshold, ThresholdError, load
+from ._common import UsageError, positive_seconds
+from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, quantile
 
 STYLES = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 TOP_CULPRITS = 5
@@ -21,8 +24,6 @@ BAR = 10  # characters
 
 
 def add_arguments(parser: Any) -> None:
-    from .cli import positive_seconds
-
     parser.add_argument("url", help="a poolwatch /metrics URL, e.g. http://127.0.0.1:9464/metrics")
     parser.add_argument(
         "--interval", type=positive_seconds, default=2.0, help="seconds between refreshes (2)"
@@ -40,9 +41,6 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     from rich.console import Console
     from rich.live import Live
-
-    from .cli import UsageError
-    from .thresholds import ThresholdError, load
 
     try:
         table = load(args.thresholds)
@@ -217,3 +215,40 @@ def _ms(seconds: float | None) -> str:
         return "-"
     milliseconds = seconds * 1000
     return f"{milliseconds:.1f} ms" if milliseconds < 10 else f"{milliseconds:.0f} ms"
+
+
+def bar(used: float, limit: float | None, width: int = 20) -> str:
+    if not limit:
+        return "-" * width
+    filled = min(width, round(width * used / limit))
+    return "#" * filled + "." * (width - filled)
+
+
+def render_lines(
+    snap: Snapshot, previous: Snapshot | None = None, interval: float = 1.0
+) -> list[str]:
+    """Plain-text lines: one per pool, then the loop line when the loop probe exports data."""
+    lines = [
+        f"{'pool':<32} {'used/max':<9} {'':<20} {'pending':>7} {'timeouts':>8} {'avg wait ms':>11}"
+    ]
+    for row in snap.pools.values():
+        wait_ms = 0.0
+        before = previous.pools.get(row.name) if previous else None
+        count = row.wait_count - (before.wait_count if before else 0)
+        if count > 0:
+            wait_ms = 1000 * (row.wait_sum - (before.wait_sum if before else 0)) / count
+        limit = f"{row.max:g}" if row.max is not None else "-"
+        lines.append(
+            f"{row.name[:32]:<32} {f'{row.used:g}/{limit}':<9} {bar(row.used, row.max)} "
+            f"{row.pending:>7g} {row.timeouts:>8g} {wait_ms:>11.1f}"
+        )
+    blocks = snap.other.get(m.LOOP_BLOCKS.sample())
+    if blocks is not None:
+        counted, summed = m.LOOP_LAG.sample("count"), m.LOOP_LAG.sample("sum")
+        lag_count, lag_sum = snap.other.get(counted, 0), snap.other.get(summed, 0)
+        if previous is not None:
+            lag_count -= previous.other.get(counted, 0)
+            lag_sum -= previous.other.get(summed, 0)
+        mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
+        lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
+    return lines

@@ -1,6 +1,6 @@
-"""A compact terminal view of poolwatch metrics, from parsed exposition text.
-
-Used by ``poolwatch demo`` (its own endpoint) and ``poolwatch top`` (any endpoint).
+"""Reading a poolwatch ``/metrics`` endpoint: fetch, parse into per-pool, per-host and per-loop
+rows, and the histogram arithmetic (deltas between scrapes, quantiles) of ``top``, ``advise`` and
+``demo``. Sample names come from the metric contract (``poolwatch/metrics.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-POOL = "db_client_connection_pool_name"
+from .. import metrics as m
+from ._common import UsageError
+
+POOL = m.prom_label("db.client.connection.pool.name")
+STATE = m.prom_label("db.client.connection.state")
 WORKER = "worker"  # set on every series by the multi-worker sidecar
 
 Buckets = dict[float, float]  # le -> cumulative count, +Inf included
@@ -77,22 +81,25 @@ class Snapshot:
     @property
     def is_poolwatch(self) -> bool:
         """An agent's /metrics, or `poolwatch exporter`'s (which may have no worker yet)."""
-        return "poolwatch_build_info" in self.other or "poolwatch_exporter_workers" in self.other
+        return m.BUILD_INFO.sample() in self.other or m.EXPORTER_WORKERS.sample() in self.other
 
 
 # sample name -> PoolRow attribute, for the plain (non-bucket) pool series
 _POOL_FIELDS = {
-    "db_client_connection_max": "max",
-    "db_client_connection_idle_max": "idle_max",
-    "db_client_connection_pending_requests": "pending",
-    "db_client_connection_timeouts_total": "timeouts",
-    "db_client_connection_wait_time_seconds_count": "wait_count",
-    "db_client_connection_wait_time_seconds_sum": "wait_sum",
-    "db_client_connection_use_time_seconds_count": "use_count",
-    "db_client_connection_use_time_seconds_sum": "use_sum",
-    "sqlalchemy_pool_overflow": "overflow",
-    "poolwatch_connection_leaks_total": "leaks",
+    m.DB_MAX.sample(): "max",
+    m.DB_IDLE_MAX.sample(): "idle_max",
+    m.DB_PENDING.sample(): "pending",
+    m.DB_TIMEOUTS.sample(): "timeouts",
+    m.DB_WAIT_TIME.sample("count"): "wait_count",
+    m.DB_WAIT_TIME.sample("sum"): "wait_sum",
+    m.DB_USE_TIME.sample("count"): "use_count",
+    m.DB_USE_TIME.sample("sum"): "use_sum",
+    m.SA_OVERFLOW.sample(): "overflow",
+    m.LEAKS.sample(): "leaks",
 }
+# the families of HTTP client and event-loop series (http.client.*, aiohttp.*, asyncio.*)
+_HOST_PREFIXES = ("http_client_", "aiohttp_client_")
+_LOOP_PREFIXES = ("asyncio_event_loop_", "asyncio_tasks")
 _HOST = ("server_address", "server_port")
 
 
@@ -113,12 +120,12 @@ def parse(text: str) -> Snapshot:
             worker = labels.get(WORKER)
             if (pool_name := labels.get(POOL)) is not None:
                 _pool_sample(snap, pool_name, worker, name, labels, value)
-            elif name.startswith(("http_client_", "aiohttp_client_")):
+            elif name.startswith(_HOST_PREFIXES):
                 if all(k in labels for k in _HOST):
                     _host_sample(snap, labels, worker, name, value)
-                elif name == "aiohttp_client_connection_limit":
+                elif name == m.AIOHTTP_LIMIT.sample():
                     limits[worker][labels.get("scope", "total")] += value
-            elif name.startswith(("asyncio_event_loop_", "asyncio_tasks")):
+            elif name.startswith(_LOOP_PREFIXES):
                 _loop_sample(snap, worker or "", name, labels, value)
     for host in snap.hosts.values():
         scopes = limits.get(host.worker, {})
@@ -139,47 +146,45 @@ def _pool_sample(
     row = snap.pools.get(key)
     if row is None:
         row = snap.pools[key] = PoolRow(key, pool=pool, worker=worker)
-    if name == "db_client_connection_count":
-        setattr(
-            row, "idle" if labels.get("db_client_connection_state") == "idle" else "used", value
-        )
+    if name == m.DB_COUNT.sample():
+        setattr(row, "idle" if labels.get(STATE) == "idle" else "used", value)
     elif (attribute := _POOL_FIELDS.get(name)) is not None:
         setattr(row, attribute, value)
-    elif name == "db_client_connection_wait_time_seconds_bucket":
+    elif name == m.DB_WAIT_TIME.sample("bucket"):
         row.wait_buckets[_le(labels)] = value
-    elif name == "db_client_connection_use_time_seconds_bucket":
+    elif name == m.DB_USE_TIME.sample("bucket"):
         row.use_buckets[_le(labels)] = value
 
 
 def _host_sample(snap: Snapshot, labels: dict, worker: str | None, name: str, value: float):
     key = _key(f"{labels['server_address']}:{labels['server_port']}", worker)
     row = snap.hosts.setdefault(key, HostRow(key, worker))
-    if name == "http_client_open_connections":
+    if name == m.HTTP_CLIENT_OPEN.sample():
         state = labels.get("http_connection_state")
         if state in ("active", "idle"):
             setattr(row, state, getattr(row, state) + value)  # summed over url_scheme
-    elif name == "aiohttp_client_connection_limit":
+    elif name == m.AIOHTTP_LIMIT.sample():
         row.limit = value or None
-    elif name == "aiohttp_client_pending_requests":
+    elif name == m.AIOHTTP_PENDING.sample():
         row.pending = value
-    elif name == "aiohttp_client_connection_wait_time_seconds_bucket":
+    elif name == m.AIOHTTP_WAIT_TIME.sample("bucket"):
         row.wait_buckets[_le(labels)] = value
 
 
 def _loop_sample(snap: Snapshot, worker: str, name: str, labels: dict, value: float) -> None:
     row = snap.loops.setdefault(worker, LoopRow(worker))
-    if name == "asyncio_event_loop_lag_seconds_bucket":
+    if name == m.LOOP_LAG.sample("bucket"):
         row.lag_buckets[_le(labels)] = value
-    elif name == "asyncio_event_loop_lag_seconds_count":
+    elif name == m.LOOP_LAG.sample("count"):
         row.lag_count = value
-    elif name == "asyncio_event_loop_lag_seconds_sum":
+    elif name == m.LOOP_LAG.sample("sum"):
         row.lag_sum = value
-    elif name == "asyncio_event_loop_blocks_total":
+    elif name == m.LOOP_BLOCKS.sample():
         culprit = labels.get("culprit", "?")
         row.blocks[culprit] = row.blocks.get(culprit, 0) + value
-    elif name == "asyncio_event_loop_blocked_seconds_total":
+    elif name == m.LOOP_BLOCKED.sample():
         row.blocked_seconds = value
-    elif name == "asyncio_tasks":
+    elif name == m.LOOP_TASKS.sample():
         row.tasks = value
 
 
@@ -215,8 +220,6 @@ def quantile(q: float, buckets: Buckets) -> float | None:
 
 def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> Snapshot:
     """Scrape and parse a poolwatch ``/metrics`` endpoint; a ``UsageError`` says what is wrong."""
-    from .cli import UsageError
-
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise UsageError(f"{url!r} is not an http(s) URL; e.g. http://127.0.0.1:9464/metrics")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -249,40 +252,3 @@ def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> Snapshot:
             "point at an instrumented app's or `poolwatch exporter`'s /metrics"
         )
     return snap
-
-
-def bar(used: float, limit: float | None, width: int = 20) -> str:
-    if not limit:
-        return "-" * width
-    filled = min(width, round(width * used / limit))
-    return "#" * filled + "." * (width - filled)
-
-
-def render_lines(
-    snap: Snapshot, previous: Snapshot | None = None, interval: float = 1.0
-) -> list[str]:
-    """Plain-text lines: one per pool, then the loop line when the loop probe exports data."""
-    lines = [
-        f"{'pool':<32} {'used/max':<9} {'':<20} {'pending':>7} {'timeouts':>8} {'avg wait ms':>11}"
-    ]
-    for row in snap.pools.values():
-        wait_ms = 0.0
-        before = previous.pools.get(row.name) if previous else None
-        count = row.wait_count - (before.wait_count if before else 0)
-        if count > 0:
-            wait_ms = 1000 * (row.wait_sum - (before.wait_sum if before else 0)) / count
-        limit = f"{row.max:g}" if row.max is not None else "-"
-        lines.append(
-            f"{row.name[:32]:<32} {f'{row.used:g}/{limit}':<9} {bar(row.used, row.max)} "
-            f"{row.pending:>7g} {row.timeouts:>8g} {wait_ms:>11.1f}"
-        )
-    blocks = snap.other.get("asyncio_event_loop_blocks_total")
-    if blocks is not None:
-        lag_count = snap.other.get("asyncio_event_loop_lag_seconds_count", 0)
-        lag_sum = snap.other.get("asyncio_event_loop_lag_seconds_sum", 0)
-        if previous is not None:
-            lag_count -= previous.other.get("asyncio_event_loop_lag_seconds_count", 0)
-            lag_sum -= previous.other.get("asyncio_event_loop_lag_seconds_sum", 0)
-        mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
-        lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
-    return lines

@@ -1,9 +1,9 @@
-"""Prometheus recording and alert rules, and the Alertmanager routing, from the threshold table.
+"""Prometheus recording and alert rules from the threshold table.
 
-``render(thresholds)`` writes ``alerts/poolwatch.rules.yaml``, ``alerts/alertmanager.yml`` and the
-promtool unit tests (``gen_alert_tests``). ``rule_groups(thresholds, param=...)`` returns the rule
-groups as data, so the Helm chart's PrometheusRule is generated from the same source with its
-own placeholders in place of every threshold value, ``for:`` and rate window.
+``render(table)`` writes ``alerts/poolwatch.rules.yaml``. ``rule_groups(table, param=...)`` returns
+the rule groups as data, so the Helm chart's PrometheusRule is generated from the same source with
+its own placeholders in place of every threshold value, ``for:``, rate window and the selector.
+The expressions are ``promql.py``'s; here are the alerts' names, aggregation and texts.
 
 Aggregation (README "Alerts"): each worker process owns its own pools and event loop, so ratios
 and p99s are recorded per worker (the ``worker`` label) and an alert takes the worst worker
@@ -17,28 +17,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .thresholds import Threshold
+from ..thresholds import Threshold
+from . import GeneratorError, promql
+from .promql import POOL, WORKER
 
 try:
     import yaml
 except ImportError as exc:  # only `poolwatch generate` needs it
-    from .cli import UsageError
-
-    raise UsageError("generating alert rules needs PyYAML: pip install 'poolwatch[cli]'") from exc
+    raise GeneratorError(
+        "generating alert rules needs PyYAML: pip install 'poolwatch[cli]'"
+    ) from exc
 
 RULES_PATH = "alerts/poolwatch.rules.yaml"
-ALERTMANAGER_PATH = "alerts/alertmanager.yml"
 RUNBOOK_BASE = "alerts/runbook.md"  # runbook_url = RUNBOOK_BASE#<table key>
-POOL = "db_client_connection_pool_name"
-WORKER = "worker"
-# Alertmanager: one notification per service and pool (or upstream host), whatever the number of
-# workers and replicas; a critical alert inhibits the warning of its signal within that group.
-GROUP_BY = ["namespace", "service", "job", POOL, "server_address", "server_port"]
-INHIBIT_EQUAL = ["signal", *GROUP_BY]
 
 # Where an alert says which thing it is about (pool or upstream host) and where it runs.
 _WHERE = "{{ $labels.job }} on {{ $labels.instance }}"
-_POOL = "{{ $labels.db_client_connection_pool_name }}"
+_POOL = f"{{{{ $labels.{POOL} }}}}"
 _HOST = (
     "{{ with $labels.server_address }}{{ . }}:{{ $labels.server_port }}{{ else }}all hosts{{ end }}"
 )
@@ -52,22 +47,26 @@ _PER_MINUTE = '{{ $value | printf "%.1f" }}'
 class Signal:
     key: str  # threshold table key, also the `signal` label and the runbook section
     alert: str  # <alert>Warning / <alert>Critical
-    record: str  # recording rule shared with the dashboards
-    expr: str  # recording rule expression; $window is the table's rate window
     across_workers: str  # "max", "sum" or "" (the recorded series is already aggregated)
     show: str  # Prometheus template function that formats a threshold ("" = as is)
     summary: str
     description: str  # $threshold, $for, $window are filled in; $value is the alert's value
+
+    @property
+    def record(self) -> str:
+        """The recording rule's series, which the dashboards read too."""
+        return promql.RECORDS[self.key]
+
+    @property
+    def expr(self) -> str:
+        """The recording rule's expression; $window is the table's rate window."""
+        return promql.SIGNALS[self.key]("$window")
 
 
 SIGNALS: tuple[Signal, ...] = (
     Signal(
         "pool_utilization",
         "PoolUtilization",
-        "poolwatch:db_client_connection_utilization:ratio",
-        "sum without (db_client_connection_state) "
-        '(db_client_connection_count{db_client_connection_state="used"})\n'
-        "/ (db_client_connection_max > 0)",
         "max",
         "humanizePercentage",
         f"Pool {_POOL} is {_PERCENT} used",
@@ -78,9 +77,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "connection_wait_p99",
         "ConnectionWait",
-        "poolwatch:db_client_connection_wait_time_seconds:p99",
-        "histogram_quantile(0.99, rate(db_client_connection_wait_time_seconds_bucket[$window]))"
-        " >= 0",
         "max",
         "humanizeDuration",
         f"Getting a connection from pool {_POOL} takes {_DURATION} (p99)",
@@ -91,9 +87,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "overflow_usage",
         "PoolOverflow",
-        "poolwatch:sqlalchemy_pool_overflow_usage:ratio",
-        "sqlalchemy_pool_overflow\n"
-        "/ ((db_client_connection_max - db_client_connection_idle_max) > 0)",
         "max",
         "humanizePercentage",
         f"Pool {_POOL} uses {_PERCENT} of its max_overflow",
@@ -104,8 +97,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "failed_checkouts",
         "CheckoutTimeouts",
-        "poolwatch:db_client_connection_timeouts:per_minute",
-        "rate(db_client_connection_timeouts_total[$window]) * 60",
         "sum",
         "",
         f"Checkouts from pool {_POOL} time out: {_PER_MINUTE} per minute",
@@ -116,8 +107,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "loop_lag_p99",
         "EventLoopLag",
-        "poolwatch:asyncio_event_loop_lag_seconds:p99",
-        "histogram_quantile(0.99, rate(asyncio_event_loop_lag_seconds_bucket[$window])) >= 0",
         "max",
         "humanizeDuration",
         "Event loop of {{ $labels.job }} lags " + _DURATION + " (p99)",
@@ -128,17 +117,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "http_client_utilization",
         "HttpClientPool",
-        "poolwatch:http_client_connection_utilization:ratio",
-        # per upstream host against limit_per_host where one is set, and the connector's total
-        # against its limit; a limit of 0 is aiohttp's "unlimited" and is left out
-        "sum without (http_connection_state, url_scheme) "
-        '(http_client_open_connections{http_connection_state="active"})\n'
-        "/ ignoring (server_address, server_port) group_left\n"
-        '  max without (scope) (aiohttp_client_connection_limit{scope="per_host"} > 0)\n'
-        "or\n"
-        "sum without (http_connection_state, url_scheme, server_address, server_port) "
-        '(http_client_open_connections{http_connection_state="active"})\n'
-        '/ max without (scope) (aiohttp_client_connection_limit{scope="total"} > 0)',
         "max",
         "humanizePercentage",
         f"aiohttp connections of {{{{ $labels.job }}}} to {_HOST} are {_PERCENT} used",
@@ -149,19 +127,6 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "fleet_connection_budget",
         "FleetConnectionBudget",
-        "poolwatch:db_client_connection_fleet_budget:ratio",
-        # Every pool of every replica and worker against the capacity of its server, reported
-        # by `poolwatch exporter --postgres-dsn` (any of its replicas). The server is read from
-        # the default pool name host:port/database, as the dashboards do; a pool given its own
-        # name cannot be matched to a server and is left out.
-        "sum by (server_address, server_port) (\n"
-        f"  label_replace(label_replace(db_client_connection_max,\n"
-        f'    "server_address", "$1", "{POOL}", "(.+):([0-9]+)/.*"),\n'
-        f'    "server_port", "$2", "{POOL}", "(.+):([0-9]+)/.*")\n'
-        ")\n"
-        "/ on (server_address, server_port)\n"
-        "max by (server_address, server_port) "
-        "(postgresql_connection_max - postgresql_connection_reserved > 0)",
         "",
         "humanizePercentage",
         f"Pools using {_SERVER} may open {_PERCENT} of the connections it allows",
@@ -186,17 +151,23 @@ def rule_groups(
     thresholds: Mapping[str, Threshold],
     param: Param | None = None,
     runbook_base: str = RUNBOOK_BASE,
+    selector: str | None = None,
 ) -> list[dict[str, Any]]:
     """The rule groups as data (the ``groups:`` list of a Prometheus rule file).
 
     ``param(key, field)`` gives the text put in place of each table value, ``field`` being
     "warning", "critical", "for" or "window" of signal ``key``; by default the table's values.
+    ``selector`` goes into every series selector: by default the table's; ``promql.SELECTOR``
+    leaves the marks for the Helm chart.
     """
     text = param or (lambda key, field: value_text(thresholds[key], field))
+    if selector is None:
+        selector = getattr(thresholds, "selector", "")
     records, alerts = [], []
     for signal in SIGNALS:
         window = text(signal.key, "window") if thresholds[signal.key].window else ""
-        records.append({"record": signal.record, "expr": signal.expr.replace("$window", window)})
+        expr = promql.with_selector(signal.expr.replace("$window", window), selector)
+        records.append({"record": signal.record, "expr": expr})
         aggregated = signal.record
         if signal.across_workers:
             aggregated = f"{signal.across_workers} without ({WORKER}) ({signal.record})"
@@ -238,7 +209,8 @@ def to_yaml(data: Any) -> str:
 
 HEADER = (
     "# Generated by `poolwatch generate` from poolwatch/thresholds.toml: do not edit. Change\n"
-    "# thresholds with `poolwatch generate --overrides FILE`; see alerts/runbook.md.\n"
+    "# thresholds or the selector with `poolwatch generate --overrides FILE`; see\n"
+    "# alerts/runbook.md. The dashboards read the recording rules: load this file for them too.\n"
 )
 
 
@@ -246,82 +218,5 @@ def render_rules(thresholds: Mapping[str, Threshold]) -> str:
     return HEADER + to_yaml({"groups": rule_groups(thresholds)})
 
 
-def render(thresholds: Mapping[str, Threshold]) -> dict[str, str]:
-    from . import gen_alert_tests
-
-    return {
-        RULES_PATH: render_rules(thresholds),
-        ALERTMANAGER_PATH: render_alertmanager(),
-        **gen_alert_tests.render(thresholds),
-    }
-
-
-def render_alertmanager() -> str:
-    return (
-        _ALERTMANAGER.replace("@GROUP_BY@", ", ".join(GROUP_BY))
-        .replace("@EQUAL@", ", ".join(INHIBIT_EQUAL))
-        .replace("@POOL@", POOL)
-    )
-
-
-# The routing tree and receivers (README "Alerts", runbook "Routing, repeat and resolve").
-# Receivers read their secrets from files (mounted from a Kubernetes Secret): the routing key
-# and the webhook URL are never in this file.
-_ALERTMANAGER = r"""# Alertmanager routing for the poolwatch alerts.
-# Generated by `poolwatch generate`: do not edit; see alerts/runbook.md "Routing, repeat and
-# resolve".
-# Standalone: use as is, with the two secret files below. With your own Alertmanager: copy the
-# route under `routes:`, the inhibit rule and the two receivers into your configuration.
-route:
-  receiver: chat
-  routes:
-    # Every poolwatch alert carries `signal` (its threshold table key).
-    - matchers: ['signal=~".+"']
-      receiver: chat
-      # One notification per service and pool (or upstream host): every worker and replica of
-      # one exhausted pool lands in one group, hence one page.
-      group_by: [@GROUP_BY@]
-      group_wait: 30s       # gather the alerts of one incident before the first notification
-      group_interval: 5m    # a new or resolved alert in a notified group is sent after this
-      repeat_interval: 4h   # a group still firing is sent again after this
-      routes:
-        - matchers: ['severity="critical"']
-          receiver: pager
-          repeat_interval: 1h
-        - matchers: ['severity="warning"']
-          receiver: chat
-          repeat_interval: 12h
-
-inhibit_rules:
-  # A critical alert mutes its warning twin (same signal, same service and pool or host).
-  - source_matchers: ['severity="critical"', 'signal=~".+"']
-    target_matchers: ['severity="warning"']
-    equal: [@EQUAL@]
-
-receivers:
-  - name: pager
-    pagerduty_configs:
-      - routing_key_file: /etc/alertmanager/secrets/poolwatch/pagerduty-routing-key
-        send_resolved: true
-        description: >-
-          [{{ .Status | toUpper }}] {{ (index .Alerts 0).Annotations.summary }}
-          {{- if gt (len .Alerts) 1 }} ({{ len .Alerts }} alerts){{ end }}
-        links:
-          - href: '{{ (index .Alerts 0).Annotations.runbook_url }}'
-            text: runbook
-        details:
-          pool: '{{ .GroupLabels.@POOL@ }}'
-          service: '{{ .GroupLabels.service }}'
-          job: '{{ .GroupLabels.job }}'
-          namespace: '{{ .GroupLabels.namespace }}'
-          runbook_url: '{{ (index .Alerts 0).Annotations.runbook_url }}'
-  - name: chat
-    slack_configs:
-      - api_url_file: /etc/alertmanager/secrets/poolwatch/slack-webhook-url
-        send_resolved: true
-        title: '[{{ .Status | toUpper }}] {{ (index .Alerts 0).Annotations.summary }}'
-        title_link: '{{ (index .Alerts 0).Annotations.runbook_url }}'
-        text: >-
-          {{ range .Alerts }}*{{ .Labels.alertname }}* {{ .Annotations.description }}
-          {{ .Annotations.runbook_url }}{{ "\n" }}{{ end }}
-"""
+def render(table: Mapping[str, Threshold]) -> dict[str, str]:
+    return {RULES_PATH: render_rules(table)}

@@ -1,4 +1,5 @@
-"""Building blocks of the dashboards: imports of the SDK, variables, PromQL and panel helpers.
+"""Building blocks of the dashboards: imports of the SDK, variables and panel helpers. Their
+PromQL is ``promql.py``'s, shared with the rules.
 
 Every query carries the dashboard variables as regex filters. "All" is ``.*``, which also matches
 series without that label (``worker`` outside multi-worker mode, ``namespace``/``service`` outside
@@ -12,7 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from ..thresholds import Threshold
+from ... import metrics as m
+from ...thresholds import Threshold
+from .. import GeneratorError, promql
 from . import UID
 
 try:
@@ -30,106 +33,23 @@ try:
     from grafana_foundation_sdk.models import dashboard as dm
     from grafana_foundation_sdk.models import prometheus as pm
 except ImportError as exc:  # only `poolwatch generate` needs it
-    from ..cli import UsageError
-
-    raise UsageError(
+    raise GeneratorError(
         "generating dashboards needs grafana-foundation-sdk: pip install 'poolwatch[dashboards]'"
     ) from exc
 
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAG = "poolwatch"
 
-# What a replica is (one process) and the variables every query filters on.
-REPLICA = "namespace, job, instance, worker"
+# The variables every query filters on.
 TARGET = (
     'namespace=~"$namespace", job=~"$job", service=~"$service", '
     'instance=~"$instance", worker=~"$worker"'
 )
-POOL = f'{TARGET}, db_client_connection_pool_name=~"$pool"'
+P = promql.POOL
+POOL = f'{TARGET}, {P}=~"$pool"'
 HOST = f'{TARGET}, server_address=~"$host"'
 RATE = "$__rate_interval"
-P = "db_client_connection_pool_name"
 JP = f"job, {P}"  # fleet aggregation of pool panels: one series per service and pool
-SERVER = "server_address, server_port"  # a database server in the sidecar's view
-
-
-# --- PromQL -------------------------------------------------------------------------------------
-def quantile(metric: str, selector: str, by: str, q: float = 0.99) -> str:
-    return (
-        f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}[{RATE}])))"
-    )
-
-
-def worst_p99(metric: str, selector: str, by: str) -> str:
-    """The p99 of the worst replica, per ``by`` (``job`` or ``job, <pool label>``)."""
-    per_replica = quantile(metric, selector, REPLICA + by.removeprefix("job"))
-    return f"max by ({by}) ({per_replica})"
-
-
-def per_minute(metric: str, selector: str, by: str) -> str:
-    return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}])) * 60"
-
-
-def buckets(metric: str, selector: str) -> str:
-    return f"sum by (le) (increase({metric}_bucket{{{selector}}}[{RATE}]))"
-
-
-def used_ratio(selector: str) -> str:
-    """Per replica and pool: connections in use / pool max."""
-    return (
-        f'db_client_connection_count{{{selector}, db_client_connection_state="used"}}'
-        f" / ignoring (db_client_connection_state) db_client_connection_max{{{selector}}}"
-    )
-
-
-def overflow_ratio(selector: str) -> str:
-    """Per replica and pool (SQLAlchemy): overflow in use / max_overflow (= max - pool_size)."""
-    return (
-        f"sqlalchemy_pool_overflow{{{selector}}} / (db_client_connection_max{{{selector}}}"
-        f" - db_client_connection_idle_max{{{selector}}} > 0)"
-    )
-
-
-def connector_ratio(scope: str, hosts: str = HOST) -> str:
-    """Per replica (and host, for per_host): active aiohttp connections / connector limit.
-    ``hosts`` selects the connections (``TARGET`` where the dashboard has no host variable)."""
-    by = REPLICA + (", server_address, server_port" if scope == "per_host" else "")
-    selector = hosts if scope == "per_host" else TARGET
-    return (
-        f"sum by ({by}) (http_client_open_connections"
-        f'{{{selector}, http_connection_state="active"}})'
-        f" / on ({REPLICA}) group_left ()"
-        f' (sum by ({REPLICA}) (aiohttp_client_connection_limit{{{TARGET}, scope="{scope}"}}) > 0)'
-    )
-
-
-def pools_max_by_server() -> str:
-    """Sum of every pool's max over the whole fleet, per database server. The server comes from
-    the default pool name ``host:port/database``; pools given another name cannot be matched."""
-    with_server = (
-        f'label_replace(label_replace(db_client_connection_max, "server_address", "$1", "{P}", '
-        f'"(.+):([0-9]+)/.*"), "server_port", "$2", "{P}", "(.+):([0-9]+)/.*")'
-    )
-    return f"sum by ({SERVER}) ({with_server})"
-
-
-def server_usable() -> str:
-    """max_connections minus reserved slots, per server (``poolwatch exporter --postgres-dsn``;
-    several exporters see the same server: ``max`` keeps one)."""
-    return f"max by ({SERVER}) (postgresql_connection_max - postgresql_connection_reserved)"
-
-
-def fleet_budget() -> str:
-    """Fleet connection budget: all replicas' pool max / the server's usable connections."""
-    return f"{pools_max_by_server()} / on ({SERVER}) {server_usable()}"
-
-
-def http_errors(by: str) -> str:
-    """5xx share of requests; 0 (not "no data") when there are requests but no errors."""
-    count = "http_server_request_duration_seconds_count"
-    total = f"sum by ({by}) (rate({count}{{{TARGET}}}[{RATE}]))"
-    errors = f'sum by ({by}) (rate({count}{{{TARGET}, http_response_status_code=~"5.."}}[{RATE}]))'
-    return f"({errors} or {total} * 0) / {total}"
 
 
 # --- panels -------------------------------------------------------------------------------------
@@ -318,13 +238,20 @@ def row(row_id: int, title: str, repeat: str | None = None) -> gd.Row:
 
 
 # --- variables ----------------------------------------------------------------------------------
-def _variable(name: str, label: str, metric: str, label_name: str, description: str):
+def _variable(
+    name: str,
+    label: str,
+    metric: m.Metric,
+    label_name: str,
+    description: str,
+    matchers: Iterable[str] = (),
+):
     return (
         gd.QueryVariable(name)
         .label(label)
         .description(description)
         .datasource(DATASOURCE)
-        .query(f"label_values({metric}, {label_name})")
+        .query(promql.label_values(metric, label_name, ", ".join(matchers)))
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
@@ -336,38 +263,42 @@ def _variable(name: str, label: str, metric: str, label_name: str, description: 
 
 def variables(extra: str | None = None) -> list:
     """datasource, namespace, job, service, instance, worker (chained), plus pool or host."""
-    info = "poolwatch_build_info"
+    info = m.BUILD_INFO
+    chain = [
+        'namespace=~"$namespace"',
+        'job=~"$job"',
+        'service=~"$service"',
+        'instance=~"$instance"',
+    ]
     out = [
         gd.DatasourceVariable("datasource").label("Data source").type("prometheus"),
         _variable("namespace", "Namespace", info, "namespace", "Kubernetes namespace."),
         _variable(
-            "job",
-            "Job",
-            f'{info}{{namespace=~"$namespace"}}',
-            "job",
-            "Prometheus job: the service being scraped.",
+            "job", "Job", info, "job", "Prometheus job: the service being scraped.", chain[:1]
         ),
         _variable(
             "service",
             "Service",
-            f'{info}{{namespace=~"$namespace", job=~"$job"}}',
+            info,
             "service",
             "Kubernetes Service (label set by a ServiceMonitor).",
+            chain[:2],
         ),
         _variable(
             "instance",
             "Instance / pod",
-            f'{info}{{namespace=~"$namespace", job=~"$job", service=~"$service"}}',
+            info,
             "instance",
             "One scrape target: a pod, or its sidecar exporter.",
+            chain[:3],
         ),
         _variable(
             "worker",
             "Worker",
-            f'{info}{{namespace=~"$namespace", job=~"$job", service=~"$service", '
-            'instance=~"$instance"}',
+            info,
             "worker",
             "Worker process of a multi-worker pod (poolwatch exporter); empty otherwise.",
+            chain,
         ),
     ]
     if extra == "pool":
@@ -375,9 +306,10 @@ def variables(extra: str | None = None) -> list:
             _variable(
                 "pool",
                 "Pool",
-                f"db_client_connection_count{{{TARGET}}}",
+                m.DB_COUNT,
                 P,
                 "Connection pool (db.client.connection.pool.name).",
+                [TARGET],
             )
         )
     if extra == "host":
@@ -385,9 +317,10 @@ def variables(extra: str | None = None) -> list:
             _variable(
                 "host",
                 "Host",
-                f"http_client_open_connections{{{TARGET}}}",
+                m.HTTP_CLIENT_OPEN,
                 "server_address",
                 "Upstream host of aiohttp client connections.",
+                [TARGET],
             )
         )
     return out

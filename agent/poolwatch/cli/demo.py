@@ -36,7 +36,7 @@ def build_app(database_url: str, upstream_url: str, instrumented: bool = True) -
     from sqlalchemy import exc, text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from . import instrument
+    from .. import instrument
 
     state: dict[str, Any] = {}
 
@@ -139,7 +139,7 @@ class Load(threading.Thread):
 
 
 def add_arguments(parser: Any) -> None:
-    from .cli import port, positive_seconds
+    from ._common import port, positive_seconds
 
     parser.add_argument("--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--database-url", help="SQLAlchemy async URL (default: SQLite, temp dir)")
@@ -156,7 +156,8 @@ def run(args: Any) -> int:
 def serve(duration: float | None, database_url: str | None, port: int, metrics_port: int) -> int:
     import uvicorn
 
-    from .view import parse, render_lines
+    from .scrape import parse
+    from .top import render_lines
 
     # 0 picks a free port here, not in the servers: the load and the view need to know it
     port, metrics_port = port or _free_port(), metrics_port or _free_port()

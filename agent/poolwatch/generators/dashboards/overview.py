@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-from ..thresholds import Threshold
-from .kit import (
-    JP,
-    RATE,
-    TARGET,
-    P,
-    connector_ratio,
-    gd,
-    graph,
-    http_errors,
-    limits,
-    new_dashboard,
-    overflow_ratio,
-    per_minute,
-    quantile,
-    query,
-    row,
-    stat_panel,
-    used_ratio,
-    worst_p99,
-)
+from ... import metrics as m
+from ...thresholds import Threshold
+from .. import promql as q
+from .kit import JP, RATE, TARGET, P, gd, graph, limits, new_dashboard, query, row, stat_panel
+
+
+def worst(signal: str, by: str = "job") -> str:
+    """The worst process's recorded value of a signal, per ``by``."""
+    return f"max by ({by}) ({q.recorded(signal, TARGET)})"
 
 
 def build(t: dict[str, Threshold]) -> gd.Dashboard:
     util, wait, timeouts = t["pool_utilization"], t["connection_wait_p99"], t["failed_checkouts"]
     overflow, lag, client = t["overflow_usage"], t["loop_lag_p99"], t["http_client_utilization"]
-    count = "http_server_request_duration_seconds"
+    duration = m.HTTP_SERVER_DURATION
     return (
         new_dashboard(
             "overview",
@@ -44,7 +32,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 f"start to wait for connections. {limits(util)} Open Database pools to see "
                 "which pool; raise the pool size if the database has room, else find the slow "
                 "or leaked sessions.",
-                query(f"max by (job) ({used_ratio(TARGET)})", "{{job}}", instant=True),
+                query(worst("pool_utilization"), "{{job}}", instant=True),
                 unit="percentunit",
                 threshold=util,
             )
@@ -56,11 +44,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "99th percentile of the time to get a connection from a pool, worst replica. "
                 f"{limits(wait)} A high wait with a full pool: the pool is too small for the "
                 "load or sessions are held too long (see use time on Database pools).",
-                query(
-                    worst_p99("db_client_connection_wait_time_seconds", TARGET, "job"),
-                    "{{job}}",
-                    instant=True,
-                ),
+                query(worst("connection_wait_p99"), "{{job}}", instant=True),
                 unit="s",
                 threshold=wait,
             )
@@ -73,8 +57,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 f"one is a failed request. {limits(timeouts)} Look at pool utilization and use "
                 "time; raise pool_timeout only after the cause is known.",
                 query(
-                    "max by (job) "
-                    f"({per_minute('db_client_connection_timeouts_total', TARGET, JP)})",
+                    f"max by (job) (sum by ({JP}) ({q.recorded('failed_checkouts', TARGET)}))",
                     "{{job}}",
                     instant=True,
                 ),
@@ -88,7 +71,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Overflow usage (SQLAlchemy)",
                 "Overflow connections in use / max_overflow, worst pool and replica. Overflow is "
                 f"for bursts; steady use means pool_size is too small. {limits(overflow)}",
-                query(f"max by (job) ({overflow_ratio(TARGET)})", "{{job}}", instant=True),
+                query(worst("overflow_usage"), "{{job}}", instant=True),
                 unit="percentunit",
                 threshold=overflow,
             )
@@ -100,11 +83,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "99th percentile of how late the event loop runs a timer, worst worker. Every "
                 f"request of that worker waits this long. {limits(lag)} Open Event loop to see "
                 "which function blocks it.",
-                query(
-                    worst_p99("asyncio_event_loop_lag_seconds", TARGET, "job"),
-                    "{{job}}",
-                    instant=True,
-                ),
+                query(worst("loop_lag_p99"), "{{job}}", instant=True),
                 unit="s",
                 threshold=lag,
             )
@@ -116,12 +95,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Active aiohttp connections / connector limit (per host or total), worst "
                 f"replica. At the limit, requests queue for a connection. {limits(client)} "
                 "Open HTTP client pools to see which host.",
-                query(
-                    f"max by (job) ({connector_ratio('per_host', TARGET)}"
-                    f" or {connector_ratio('total')})",
-                    "{{job}}",
-                    instant=True,
-                ),
+                query(worst("http_client_utilization"), "{{job}}", instant=True),
                 unit="percentunit",
                 threshold=client,
             )
@@ -133,7 +107,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Request rate",
                 "Requests per second served, per service (all replicas). A drop with rising "
                 "errors or duration is the symptom the other panels explain.",
-                [query(f"sum by (job) (rate({count}_count{{{TARGET}}}[{RATE}]))", "{{job}}")],
+                [query(q.request_rate(TARGET, "job", RATE), "{{job}}")],
                 unit="reqps",
                 width=8,
             )
@@ -145,7 +119,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Share of responses with a 5xx status, per service. Pool timeouts surface here "
                 "as 500/503: if they rise together with checkout timeouts, fix the pool first; "
                 "else the application log has the errors.",
-                [query(http_errors("job"), "{{job}}")],
+                [query(q.http_errors(TARGET, "job", RATE), "{{job}}")],
                 unit="percentunit",
                 width=8,
             )
@@ -157,8 +131,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Request latency over all replicas. A p99 far above p50 that tracks connection "
                 "wait or loop lag points at the pool or a blocked loop, not the database.",
                 [
-                    query(quantile(count, TARGET, "job", 0.5), "{{job}} p50"),
-                    query(quantile(count, TARGET, "job"), "{{job}} p99"),
+                    query(q.quantile(duration, TARGET, "job", RATE, 0.5), "{{job}} p50"),
+                    query(q.quantile(duration, TARGET, "job", RATE), "{{job}} p99"),
                 ],
                 unit="s",
                 width=8,
@@ -171,7 +145,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Pool utilization (worst replica)",
                 f"Connections in use / max per service and pool, worst replica. {limits(util)} "
                 "Which pool and why: Database pools.",
-                [query(f"max by ({JP}) ({used_ratio(TARGET)})", f"{{{{job}}}} {{{{{P}}}}}")],
+                [query(worst("pool_utilization", JP), f"{{{{job}}}} {{{{{P}}}}}")],
                 unit="percentunit",
                 threshold=util,
                 width=6,
@@ -183,12 +157,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Connection wait p99",
                 f"Time to get a connection, p99 over all replicas. {limits(wait)} Rising with "
                 "utilization: the pool is too small or held too long (Database pools, use time).",
-                [
-                    query(
-                        quantile("db_client_connection_wait_time_seconds", TARGET, JP),
-                        f"{{{{job}}}} {{{{{P}}}}}",
-                    )
-                ],
+                [query(q.quantile(m.DB_WAIT_TIME, TARGET, JP, RATE), f"{{{{job}}}} {{{{{P}}}}}")],
                 unit="s",
                 threshold=wait,
                 width=6,
@@ -202,7 +171,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 f"{limits(timeouts)} Find the full pool on Database pools.",
                 [
                     query(
-                        per_minute("db_client_connection_timeouts_total", TARGET, JP),
+                        f"sum by ({JP}) ({q.recorded('failed_checkouts', TARGET)})",
                         f"{{{{job}}}} {{{{{P}}}}}",
                     )
                 ],
@@ -217,7 +186,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Event-loop lag p99",
                 f"How late the loop runs timers, p99 over all workers. {limits(lag)} The culprit "
                 "function is on Event loop.",
-                [query(quantile("asyncio_event_loop_lag_seconds", TARGET, "job"), "{{job}}")],
+                [query(q.quantile(m.LOOP_LAG, TARGET, "job", RATE), "{{job}}")],
                 unit="s",
                 threshold=lag,
                 width=6,
@@ -230,13 +199,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Agent errors",
                 "Exceptions poolwatch caught inside its own hooks, per probe (the app's call "
                 "went on). Non-zero: a probe is degraded; the log has one line per kind.",
-                [
-                    query(
-                        f"sum by (job, probe) (increase(poolwatch_agent_errors_total{{{TARGET}}}"
-                        f"[{RATE}])) or sum by (job) (poolwatch_build_info{{{TARGET}}}) * 0",
-                        "{{job}} {{probe}}",
-                    )
-                ],
+                [query(q.agent_errors(TARGET, RATE), "{{job}} {{probe}}")],
                 unit="short",
                 bars=True,
                 width=12,
@@ -248,12 +211,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Instrumented processes",
                 "Processes reporting, by poolwatch version. A drop without a deploy means "
                 "targets are not scraped.",
-                [
-                    query(
-                        f"count by (job, version) (poolwatch_build_info{{{TARGET}}})",
-                        "{{job}} {{version}}",
-                    )
-                ],
+                [query(q.processes(TARGET), "{{job}} {{version}}")],
                 unit="short",
                 width=12,
             )

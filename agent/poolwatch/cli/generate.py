@@ -1,27 +1,17 @@
 """``poolwatch generate [--check]``: writes alerts, dashboards and chart files from the table.
 
-Each generator module in ``GENERATORS`` has ``render(thresholds) -> {relative path: text}``;
-``--check`` compares instead of writing and exits 1 listing the files that are out of date.
+The generators (``poolwatch.generators``) render ``{relative path: text}``; this command writes
+what changed, or with ``--check`` compares and exits 1 listing the files that are out of date.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
-from .thresholds import ThresholdError, load
-
-# Order matters: the chart copies the dashboards and renders the alert rules of this same run.
-GENERATORS: list[str] = ["poolwatch.gen_alerts", "poolwatch.gen_dashboards", "poolwatch.gen_helm"]
-
-
-def render_all(overrides: str | None = None) -> dict[str, str]:
-    thresholds = load(overrides)
-    files: dict[str, str] = {}
-    for module_name in GENERATORS:
-        files.update(importlib.import_module(module_name).render(thresholds))
-    return files
+from ..generators import GeneratorError, render_all
+from ..thresholds import ThresholdError, load
+from ._common import UsageError
 
 
 def add_arguments(parser: Any) -> None:
@@ -35,11 +25,9 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    from .cli import UsageError
-
     try:
-        files = render_all(args.overrides)
-    except ThresholdError as exc:
+        files = render_all(load(args.overrides))
+    except (ThresholdError, GeneratorError) as exc:
         raise UsageError(str(exc)) from None
     root = Path(args.root)
     stale = []

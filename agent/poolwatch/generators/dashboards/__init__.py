@@ -3,12 +3,17 @@
 Built with Grafana's own builder, grafana-foundation-sdk (the ``dashboards`` extra), which only
 ``poolwatch generate`` imports: the agent never needs it at runtime. Threshold lines, colours and
 the numbers quoted in panel descriptions come from the threshold table, so an override file
-changes them along with the alerts. One module per dashboard; shared pieces in ``kit``.
+changes them along with the alerts; the panels of the alerts' signals read the recording rules.
+One module per dashboard; shared pieces in ``kit``, every query from ``promql.py``.
 """
 
 from __future__ import annotations
 
-from ..thresholds import Threshold
+import json
+from collections.abc import Mapping
+
+from ...thresholds import Threshold
+from ..promql import with_selector
 
 # Stable dashboard uids: links, provisioning and runbooks depend on them.
 UID = {
@@ -37,13 +42,28 @@ def panel_path(signal: str) -> str:
     return f"/d/{uid}?viewPanel={panel_id}"
 
 
-def render(thresholds: dict[str, Threshold]) -> dict[str, str]:
-    """``{"dashboards/<name>.json": text}`` for every dashboard."""
+def render_marked(table: Mapping[str, Threshold]) -> dict[str, str]:
+    """``{"dashboards/<name>.json": text}`` for every dashboard, the selector still a mark
+    (``promql.SELECTOR``): the Helm chart ships these and fills in its own selector."""
     from . import database_pools, event_loop, http_client_pools, overview  # imports the SDK
     from .kit import to_json
 
     files = {}
     for module in (overview, database_pools, http_client_pools, event_loop):
         name = module.__name__.rsplit(".", 1)[1].replace("_", "-")
-        files[f"dashboards/{name}.json"] = to_json(module.build(thresholds))
+        files[f"dashboards/{name}.json"] = to_json(module.build(table))
     return files
+
+
+def render(table: Mapping[str, Threshold], marked: dict[str, str] | None = None) -> dict[str, str]:
+    """The dashboards with the table's selector (``marked``: ``render_marked``'s, if at hand)."""
+    selector = getattr(table, "selector", "")
+    return {
+        path: with_selector(text, selector, json_string)
+        for path, text in (marked or render_marked(table)).items()
+    }
+
+
+def json_string(text: str) -> str:
+    """``text`` as it is written inside a JSON string (quotes and backslashes escaped)."""
+    return json.dumps(text)[1:-1]

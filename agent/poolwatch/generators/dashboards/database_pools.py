@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from ..thresholds import Threshold
+from ... import metrics as m
+from ...thresholds import Threshold
+from .. import promql as q
 from .kit import (
     JP,
     POOL,
-    SERVER,
+    RATE,
     P,
-    buckets,
-    fleet_budget,
     gd,
     graph,
     heatmap_panel,
     limits,
     new_dashboard,
-    overflow_ratio,
-    per_minute,
-    pools_max_by_server,
-    quantile,
     query,
     row,
-    server_usable,
     unit_text,
-    used_ratio,
-    worst_p99,
 )
 
 
@@ -51,13 +44,11 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "x 1.5, `poolwatch advise`); if use time grew, fix the slow or leaked sessions "
                 "first.",
                 [
-                    query(f"max by ({JP}) ({used_ratio(POOL)})", f"{legend} worst"),
                     query(
-                        f"sum by ({JP}) (db_client_connection_count{{{POOL}, "
-                        f'db_client_connection_state="used"}}) / sum by ({JP}) '
-                        f"(db_client_connection_max{{{POOL}}})",
-                        f"{legend} fleet",
+                        f"max by ({JP}) ({q.recorded('pool_utilization', POOL)})",
+                        f"{legend} worst",
                     ),
+                    query(q.fleet_used_ratio(POOL, JP), f"{legend} fleet"),
                 ],
                 unit="percentunit",
                 threshold=util,
@@ -72,13 +63,10 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "for the load or connections held too long (use time below).",
                 [
                     query(
-                        worst_p99("db_client_connection_wait_time_seconds", POOL, JP),
+                        f"max by ({JP}) ({q.recorded('connection_wait_p99', POOL)})",
                         f"{legend} worst",
                     ),
-                    query(
-                        quantile("db_client_connection_wait_time_seconds", POOL, JP),
-                        f"{legend} fleet",
-                    ),
+                    query(q.quantile(m.DB_WAIT_TIME, POOL, JP, RATE), f"{legend} fleet"),
                 ],
                 unit="s",
                 threshold=wait,
@@ -92,7 +80,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 f"acquire timeout) per minute, all replicas. Each is a failed request. "
                 f"{limits(timeouts)} Fix the cause (utilization, use time, leaks) before "
                 "raising the timeout.",
-                [query(per_minute("db_client_connection_timeouts_total", POOL, JP), legend)],
+                [query(f"sum by ({JP}) ({q.recorded('failed_checkouts', POOL)})", legend)],
                 unit="cpm",
                 threshold=timeouts,
                 bars=True,
@@ -105,7 +93,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Overflow connections open / max_overflow, worst replica. Overflow is for "
                 f"bursts; held for long it means pool_size is too small. {limits(overflow)} "
                 "Raise pool_size (not max_overflow) if the database allows.",
-                [query(f"max by ({JP}) ({overflow_ratio(POOL)})", legend)],
+                [query(f"max by ({JP}) ({q.recorded('overflow_usage', POOL)})", legend)],
                 unit="percentunit",
                 threshold=overflow,
             )
@@ -119,7 +107,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "connections die (check pool_pre_ping, pool_recycle, server timeouts).",
                 [
                     query(
-                        per_minute("sqlalchemy_pool_invalidations_total", POOL, f"{JP}, soft"),
+                        q.per_minute(m.SA_INVALIDATIONS, POOL, f"{JP}, soft", RATE),
                         f"{legend} soft={{{{soft}}}}",
                     )
                 ],
@@ -134,7 +122,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Connections held longer than POOLWATCH_LEAK_THRESHOLD, per minute. A leak holds "
                 "a connection until the session is garbage-collected: find the code path that "
                 "forgets to close its session (the agent log names the pool).",
-                [query(per_minute("poolwatch_connection_leaks_total", POOL, JP), legend)],
+                [query(q.per_minute(m.LEAKS, POOL, JP, RATE), legend)],
                 unit="cpm",
                 width=12,
             )
@@ -151,7 +139,11 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "in front, or raise max_connections. Not filtered by the variables: the budget "
                 "is shared by every client of the server; pools with a custom name are not "
                 "counted (the server is read from the default name host:port/database).",
-                [query(fleet_budget(), "{{server_address}}:{{server_port}}")],
+                [
+                    query(
+                        q.recorded("fleet_connection_budget"), "{{server_address}}:{{server_port}}"
+                    )
+                ],
                 unit="percentunit",
                 threshold=budget,
                 width=8,
@@ -167,13 +159,9 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "larger than the load needs; 'idle in transaction' holds a connection while "
                 "the application does something else. Not filtered by the variables.",
                 [
-                    query(
-                        f"sum by ({SERVER}, state) (max by ({SERVER}, db_namespace, state, "
-                        "application_name) (postgresql_connection_count))",
-                        "{{server_address}}:{{server_port}} {{state}}",
-                    ),
-                    query(server_usable(), "usable max_connections"),
-                    query(pools_max_by_server(), "pools' max, all replicas"),
+                    query(q.server_connections(), "{{server_address}}:{{server_port}} {{state}}"),
+                    query(q.server_usable(), "usable max_connections"),
+                    query(q.pools_max_by_server(), "pools' max, all replicas"),
                 ],
                 unit="short",
                 stack=True,
@@ -192,9 +180,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "filtered by the variables.",
                 [
                     query(
-                        f"max by ({SERVER}, application_name) "
-                        "(postgresql_idle_in_transaction_max_age_seconds) "
-                        f"or max by ({SERVER}) (postgresql_up) * 0",
+                        q.idle_in_transaction(),
                         "{{server_address}}:{{server_port}} {{application_name}}",
                     )
                 ],
@@ -211,13 +197,9 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "waiting for one; the red dashed line is the pool max. Pending above zero while "
                 "used touches max is pool exhaustion.",
                 [
-                    query(
-                        f"sum by (db_client_connection_state) "
-                        f"(db_client_connection_count{{{one}}})",
-                        "{{db_client_connection_state}}",
-                    ),
-                    query(f"sum(db_client_connection_pending_requests{{{one}}})", "pending"),
-                    query(f"sum(db_client_connection_max{{{one}}})", "max"),
+                    query(q.gauge("sum", m.DB_COUNT, one, q.STATE), f"{{{{{q.STATE}}}}}"),
+                    query(q.gauge("sum", m.DB_PENDING, one, ""), "pending"),
+                    query(q.gauge("sum", m.DB_MAX, one, ""), "max"),
                 ],
                 unit="short",
                 stack=True,
@@ -227,37 +209,36 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
         )
     )
     histograms = [
-        ("wait", "Wait time", "Time to obtain a connection. Above "
+        (m.DB_WAIT_TIME, "Wait time", "Time to obtain a connection. Above "
          f"{unit_text(wait.warning, wait.unit)} requests visibly queue for the pool: compare "
          "use time and utilization."),
-        ("use", "Use time", "Checkout to return: how long code holds a connection. Long holds "
-         "starve the pool (slow queries, network calls inside a transaction, leaks)."),
-        ("create", "Create time", "Time to open a new database connection. Slow connects make "
-         "overflow and recycling expensive (TLS, DNS, an overloaded server): keep pool_size "
+        (m.DB_USE_TIME, "Use time", "Checkout to return: how long code holds a connection. Long "
+         "holds starve the pool (slow queries, network calls inside a transaction, leaks)."),
+        (m.DB_CREATE_TIME, "Create time", "Time to open a new database connection. Slow connects "
+         "make overflow and recycling expensive (TLS, DNS, an overloaded server): keep pool_size "
          "above the steady load so connections are reused."),
     ]  # fmt: skip
-    for offset, (name, title, meaning) in enumerate(histograms):
+    for offset, (metric, title, meaning) in enumerate(histograms):
         board = board.with_panel(
             heatmap_panel(
                 11 + offset,
                 f"{title} distribution",
                 f"{meaning} Heatmap of all replicas' observations per interval.",
-                buckets(f"db_client_connection_{name}_time_seconds", one),
+                q.increase_buckets(metric, one, RATE),
             )
         )
-    for offset, (name, title, meaning) in enumerate(histograms):
-        metric = f"db_client_connection_{name}_time_seconds"
+    for offset, (metric, title, meaning) in enumerate(histograms):
         board = board.with_panel(
             graph(
                 14 + offset,
                 f"{title} p50 / p99",
                 f"{meaning} Quantiles over all replicas.",
                 [
-                    query(quantile(metric, one, "job", 0.5), "{{job}} p50"),
-                    query(quantile(metric, one, "job"), "{{job}} p99"),
+                    query(q.quantile(metric, one, "job", RATE, 0.5), "{{job}} p50"),
+                    query(q.quantile(metric, one, "job", RATE), "{{job}} p99"),
                 ],
                 unit="s",
-                threshold=wait if name == "wait" else None,
+                threshold=wait if metric is m.DB_WAIT_TIME else None,
                 width=8,
             )
         )

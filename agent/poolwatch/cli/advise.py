@@ -11,20 +11,27 @@ Per pool and per process (each worker process has its own pool):
   that concurrency being the larger of peak used + pending and rate * p95 hold; when checkouts
   timed out, demand was above the current max, so the total is at least ceil(1.5 * (max + 1)).
 
-Data comes from a ``/metrics`` URL sampled over ``--window`` seconds (here), or from a
-Prometheus server over ``--range`` (``advise_prometheus.py``).
+Data comes from a ``/metrics`` URL sampled over ``--window`` seconds, or from a Prometheus
+server over ``--range`` (one instant query per figure, aggregated by pool in PromQL).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from .view import Buckets, Snapshot, delta, fetch, quantile
+from .. import metrics as m
+from ..thresholds import duration_seconds, load
+from ._common import UsageError, non_negative_int, positive_int, positive_seconds
+from .scrape import POOL, STATE, Buckets, Snapshot, delta, fetch, quantile
 
 HEADROOM = 1.5  # the sizing guide's factor
 POSTGRES_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
@@ -152,8 +159,6 @@ class Budget:
 
 
 def fleet_lines(budget: Budget, per_process_now: float | None, per_process_advised: int) -> list:
-    from .thresholds import load
-
     signal = load()["fleet_connection_budget"]
     lines = [
         f"fleet: {budget.processes} processes ({budget.how}); server max_connections "
@@ -186,8 +191,6 @@ def fleet_lines(budget: Budget, per_process_now: float | None, per_process_advis
 
 
 def add_arguments(parser: Any) -> None:
-    from .cli import positive_seconds
-
     parser.add_argument("url", nargs="?", help="a poolwatch /metrics URL to sample")
     parser.add_argument(
         "--window", type=positive_seconds, default=60.0, help="seconds to sample the URL (60)"
@@ -203,16 +206,14 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--pool", action="append", help="only this pool (repeatable); default: every pool"
     )
-    parser.add_argument(
-        "--max-connections", type=_positive_int, help="the server's max_connections"
-    )
+    parser.add_argument("--max-connections", type=positive_int, help="the server's max_connections")
     parser.add_argument(
         "--reserved-connections",
-        type=_non_negative_int,
+        type=non_negative_int,
         help=f"slots the app cannot use (default: the exporter's view, else {POSTGRES_RESERVED})",
     )
-    parser.add_argument("--replicas", type=_positive_int, help="pods (replicas) of the app")
-    parser.add_argument("--workers", type=_positive_int, help="worker processes per replica")
+    parser.add_argument("--replicas", type=positive_int, help="pods (replicas) of the app")
+    parser.add_argument("--workers", type=positive_int, help="worker processes per replica")
     parser.add_argument(
         "--token",
         default=os.environ.get("POOLWATCH_METRICS_TOKEN"),
@@ -220,34 +221,19 @@ def add_arguments(parser: Any) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    import argparse
-
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(text)
-
-
 def run(args: Any) -> int:
-    from .cli import UsageError
-
     if bool(args.url) == bool(args.prometheus):
         raise UsageError(
             "give either a /metrics URL to sample or --prometheus URL (with --range), not both"
         )
     server: dict[str, float] = {}
     if args.prometheus:
-        from .advise_prometheus import Prometheus, duration_seconds
-
-        duration_seconds(args.range)  # a bad range fails before any query
+        try:
+            duration_seconds(args.range)  # a bad range fails before any query
+        except ValueError:
+            raise UsageError(
+                f"--range {args.range!r} is not a Prometheus duration; e.g. 30m, 1h, 1h30m, 7d"
+            ) from None
         source = Prometheus(args.prometheus, args.selector)
         observations = source.observe(args.range)
         where = f"{args.prometheus}, last {args.range}"
@@ -330,16 +316,14 @@ def _now(obs: Observation) -> str:
 def _server_view(snap: Snapshot) -> dict[str, float]:
     """max_connections and reserved slots from the sidecar's database view, when present."""
     view = {}
-    if (value := snap.other.get("postgresql_connection_max")) is not None:
+    if (value := snap.other.get(m.PG_CONNECTION_MAX.sample())) is not None:
         view["max"] = value
-    if (value := snap.other.get("postgresql_connection_reserved")) is not None:
+    if (value := snap.other.get(m.PG_CONNECTION_RESERVED.sample())) is not None:
         view["reserved"] = value
     return view
 
 
 def no_data(where: str, when: str, selector: str) -> Exception:
-    from .cli import UsageError
-
     matched = f" matching {{{selector}}}" if selector else ""
     return UsageError(
         f"no poolwatch pool series at {where}{matched}{' ' + when if when else ''}: is an "
@@ -355,3 +339,95 @@ def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+
+
+# --- from a Prometheus server -------------------------------------------------------------
+
+
+class Prometheus:
+    def __init__(self, url: str, selector: str = "") -> None:
+        self.url = url.rstrip("/")
+        self.selector = selector.strip().strip("{}").strip()
+
+    def series(self, name: str, extra: str = "") -> str:
+        matchers = ",".join(m for m in (self.selector, extra) if m)
+        return f"{name}{{{matchers}}}"
+
+    def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", exc.reason)
+            except ValueError:
+                reason = exc.reason
+            raise UsageError(f"Prometheus at {self.url} rejected a query: {reason}") from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise UsageError(
+                f"cannot query Prometheus at {self.url} ({reason}): is this its base URL, "
+                "e.g. http://prometheus:9090?"
+            ) from None
+        if not isinstance(body, dict) or body.get("status") != "success":
+            raise UsageError(f"{self.url} did not answer like Prometheus' /api/v1/query")
+        return [
+            (item["metric"], float(item["value"][1]))
+            for item in body["data"]["result"]
+            if math.isfinite(float(item["value"][1]))
+        ]
+
+    def by_pool(self, promql: str) -> dict[str, float]:
+        return {labels.get(POOL, ""): value for labels, value in self.query(promql)}
+
+    def observe(self, range_text: str) -> list[Observation]:
+        seconds = duration_seconds(range_text)
+        r, by = range_text, f"by ({POOL})"
+        pending = self.series(m.DB_PENDING.sample())
+        used = self.series(m.DB_COUNT.sample(), f'{STATE}="used"')
+        processes = self.by_pool(f"count {by} (last_over_time({pending}[{r}]))")
+        if not processes:
+            raise no_data(f"Prometheus at {self.url}", f"in the last {r}", self.selector)
+
+        def increase(name: str) -> dict[str, float]:
+            return self.by_pool(f"sum {by} (increase({self.series(name)}[{r}]))")
+
+        def last(name: str) -> dict[str, float]:
+            return self.by_pool(f"max {by} (last_over_time({self.series(name)}[{r}]))")
+
+        checkouts = increase(m.DB_WAIT_TIME.sample("count"))
+        timeouts = increase(m.DB_TIMEOUTS.sample())
+        hold_sum = increase(m.DB_USE_TIME.sample("sum"))
+        hold_count = increase(m.DB_USE_TIME.sample("count"))
+        buckets = self.query(
+            f"sum by ({POOL}, le) (increase({self.series(m.DB_USE_TIME.sample('bucket'))}[{r}]))"
+        )
+        peak_used = self.by_pool(f"max {by} (max_over_time({used}[{r}]))")
+        peak_demand = self.by_pool(
+            f"max {by} (max_over_time(({used} + ignoring({STATE}) {pending})[{r}:]))"
+        )
+        pool_size, maximum = last(m.DB_IDLE_MAX.sample()), last(m.DB_MAX.sample())
+        sqlalchemy = last(m.SA_OVERFLOW.sample())
+        out = []
+        for pool, count in sorted(processes.items()):
+            obs = Observation(
+                pool,
+                seconds,
+                processes=int(count),
+                checkouts=checkouts.get(pool, 0),
+                timeouts=timeouts.get(pool, 0),
+                hold_sum=hold_sum.get(pool, 0),
+                hold_count=hold_count.get(pool, 0),
+                peak_used=peak_used.get(pool, 0),
+                # the subquery's resolution may miss the raw peak: never below peak used
+                peak_demand=max(peak_demand.get(pool, 0), peak_used.get(pool, 0)),
+                pool_size=pool_size.get(pool),
+                max=maximum.get(pool),
+                sqlalchemy=pool in sqlalchemy,
+            )
+            obs.hold_buckets = {
+                float(labels["le"]): value for labels, value in buckets if labels.get(POOL) == pool
+            }
+            out.append(obs)
+        return out

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-from ..thresholds import Threshold
+from ... import metrics as m
+from ...thresholds import Threshold
+from .. import promql as q
 from .kit import (
     RATE,
     TARGET,
-    buckets,
     gd,
     graph,
     heatmap_panel,
     limits,
     new_dashboard,
-    per_minute,
-    quantile,
     query,
     row,
     top_panel,
-    worst_p99,
 )
 
 
 def build(t: dict[str, Threshold]) -> gd.Dashboard:
     lag = t["loop_lag_p99"]
-    metric = "asyncio_event_loop_lag_seconds"
-    blocks = "asyncio_event_loop_blocks_total"
     return (
         new_dashboard(
             "loop",
@@ -41,8 +37,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Find the culprit below and move the call off the loop (an async library, or "
                 "asyncio.to_thread / run_in_executor).",
                 [
-                    query(worst_p99(metric, TARGET, "job"), "{{job}} worst"),
-                    query(quantile(metric, TARGET, "job"), "{{job}} all workers"),
+                    query(f"max by (job) ({q.recorded('loop_lag_p99', TARGET)})", "{{job}} worst"),
+                    query(q.quantile(m.LOOP_LAG, TARGET, "job", RATE), "{{job}} all workers"),
                 ],
                 unit="s",
                 threshold=lag,
@@ -55,7 +51,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Heatmap of lag observations, all workers. A band at the top is a recurring "
                 "block (see culprits below); a smear rising with load is CPU saturation (add "
                 "workers or replicas).",
-                buckets(metric, TARGET),
+                q.increase_buckets(m.LOOP_LAG, TARGET, RATE),
             )
         )
         .with_panel(
@@ -66,16 +62,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "worst worker and mean over workers. 10 % means one request in ten waits for a "
                 "block to end. Fix the top culprit below first.",
                 [
-                    query(
-                        f"max by (job) (rate(asyncio_event_loop_blocked_seconds_total"
-                        f"{{{TARGET}}}[{RATE}]))",
-                        "{{job}} worst",
-                    ),
-                    query(
-                        f"avg by (job) (rate(asyncio_event_loop_blocked_seconds_total"
-                        f"{{{TARGET}}}[{RATE}]))",
-                        "{{job}} mean",
-                    ),
+                    query(q.blocked_fraction("max", TARGET, RATE), "{{job}} worst"),
+                    query(q.blocked_fraction("avg", TARGET, RATE), "{{job}} mean"),
                 ],
                 unit="percentunit",
                 width=4,
@@ -89,7 +77,12 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Loop blocks per minute by culprit: module:function of the innermost application "
                 "frame that was running. The agent log has the stack and the HTTP route of each; "
                 "move that call off the loop (an async library, or asyncio.to_thread).",
-                [query(per_minute(blocks, TARGET, "job, culprit"), "{{job}} {{culprit}}")],
+                [
+                    query(
+                        q.per_minute(m.LOOP_BLOCKS, TARGET, "job, culprit", RATE),
+                        "{{job}} {{culprit}}",
+                    )
+                ],
                 unit="cpm",
                 bars=True,
                 stack=True,
@@ -102,7 +95,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Top culprits in the time range",
                 "Blocks per culprit over the whole time range, most first. Fix the top one "
                 "first: make the call async or run it in a thread.",
-                f"topk(10, sum by (job, culprit) (increase({blocks}{{{TARGET}}}[$__range])))",
+                q.top_culprits(TARGET),
                 "{{job}} {{culprit}}",
             )
         )
@@ -115,8 +108,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "follows the load; a steady climb at constant load is a task leak (tasks "
                 "created and never awaited or cancelled).",
                 [
-                    query(f"max by (job) (asyncio_tasks{{{TARGET}}})", "{{job}} worst"),
-                    query(f"sum by (job) (asyncio_tasks{{{TARGET}}})", "{{job}} all workers"),
+                    query(q.gauge("max", m.LOOP_TASKS, TARGET), "{{job}} worst"),
+                    query(q.gauge("sum", m.LOOP_TASKS, TARGET), "{{job}} all workers"),
                 ],
                 unit="short",
                 width=24,

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-from ..thresholds import Threshold
-from .kit import (
-    HOST,
-    TARGET,
-    buckets,
-    connector_ratio,
-    gd,
-    graph,
-    heatmap_panel,
-    limits,
-    new_dashboard,
-    quantile,
-    query,
-    row,
-)
+from ... import metrics as m
+from ...thresholds import Threshold
+from .. import promql as q
+from .kit import HOST, RATE, TARGET, gd, graph, heatmap_panel, limits, new_dashboard, query, row
 
 
 def build(t: dict[str, Threshold]) -> gd.Dashboard:
     client = t["http_client_utilization"]
     host = "{{job}} {{server_address}}:{{server_port}}"
-    wait = "aiohttp_client_connection_wait_time_seconds"
+    wait = m.AIOHTTP_WAIT_TIME
+    # recorded per host (against limit_per_host) and for all hosts (against limit)
+    per_host = q.recorded("http_client_utilization", HOST, 'server_address!=""')
+    total = q.recorded("http_client_utilization", TARGET, 'server_address=""')
     return (
         new_dashboard(
             "http",
@@ -40,12 +32,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "requests queue (see queued requests): raise the limit if the upstream can take "
                 "it, or find slow upstream calls.",
                 [
-                    query(
-                        "max by (job, server_address, server_port) "
-                        f"({connector_ratio('per_host')})",
-                        f"{host} per host",
-                    ),
-                    query(f"max by (job) ({connector_ratio('total')})", "{{job}} total"),
+                    query(f"max by (job, {q.SERVER}) ({per_host})", f"{host} per host"),
+                    query(f"max by (job) ({total})", "{{job}} total"),
                 ],
                 unit="percentunit",
                 threshold=client,
@@ -60,13 +48,13 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "connections are cheap; active at the limit means queueing.",
                 [
                     query(
-                        "sum by (job, server_address, server_port, http_connection_state) "
-                        f"(http_client_open_connections{{{HOST}}})",
-                        f"{host} {{{{http_connection_state}}}}",
+                        q.gauge(
+                            "sum", m.HTTP_CLIENT_OPEN, HOST, f"job, {q.SERVER}, {q.HTTP_STATE}"
+                        ),
+                        f"{host} {{{{{q.HTTP_STATE}}}}}",
                     ),
                     query(
-                        "sum by (job) (aiohttp_client_connection_limit"
-                        f'{{{TARGET}, scope="per_host"}})',
+                        q.gauge("sum", m.AIOHTTP_LIMIT, f'{TARGET}, scope="per_host"'),
                         "{{job}} limit per host",
                     ),
                 ],
@@ -82,7 +70,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Requests waiting for a connection because a connector limit is reached, all "
                 "replicas. Anything above zero adds the wait below to the request's latency: "
                 "raise the connector limit if the upstream can take more, or speed up the calls.",
-                [query(f"sum by (job) (aiohttp_client_pending_requests{{{TARGET}}})", "{{job}}")],
+                [query(q.gauge("sum", m.AIOHTTP_PENDING, TARGET), "{{job}}")],
                 unit="short",
                 width=8,
             )
@@ -95,8 +83,8 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "unless a limit is reached; a p99 near your request timeout turns queueing into "
                 "errors (see connector utilization for the host).",
                 [
-                    query(quantile(wait, TARGET, "job", 0.5), "{{job}} p50"),
-                    query(quantile(wait, TARGET, "job"), "{{job}} p99"),
+                    query(q.quantile(wait, TARGET, "job", RATE, 0.5), "{{job}} p50"),
+                    query(q.quantile(wait, TARGET, "job", RATE), "{{job}} p99"),
                 ],
                 unit="s",
                 width=8,
@@ -109,7 +97,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "Heatmap of the time requests queued for a connection, all replicas. Anything "
                 "above the lowest bucket means a connector limit was reached: see connector "
                 "utilization for which host.",
-                buckets(wait, TARGET),
+                q.increase_buckets(wait, TARGET, RATE),
             )
         )
         .with_panel(
@@ -121,18 +109,11 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 "ClientSession per request): each request then pays a new TCP/TLS handshake.",
                 [
                     query(
-                        quantile(
-                            "http_client_connection_duration_seconds",
-                            HOST,
-                            "job, server_address",
-                            0.5,
-                        ),
+                        q.quantile(m.HTTP_CLIENT_DURATION, HOST, "job, server_address", RATE, 0.5),
                         "{{job}} {{server_address}} p50",
                     ),
                     query(
-                        quantile(
-                            "http_client_connection_duration_seconds", HOST, "job, server_address"
-                        ),
+                        q.quantile(m.HTTP_CLIENT_DURATION, HOST, "job, server_address", RATE),
                         "{{job}} {{server_address}} p99",
                     ),
                 ],
