@@ -299,6 +299,7 @@ def test_apps_started_by_one_parent_keep_their_own_metrics(tmp_path):
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            start_new_session=True,  # its spawned apps are stopped with it, as one group
         )
     try:
         for app_port in ports:
@@ -309,7 +310,11 @@ def test_apps_started_by_one_parent_keep_their_own_metrics(tmp_path):
         first = "first.db" if "first.db" in get(metrics_url) else "second.db"
         own_series_only(first, log_path.read_text())
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGTERM)  # the spawned apps and the resource tracker
         stop_process(parent)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # whatever ignored SIGTERM
     assert list(tmpdir.iterdir()) == []  # no shared directory was ever made
 
 
