@@ -356,8 +356,8 @@ async def test_an_aiohttp_without_the_wait_method_loses_only_the_wait_series(
     from aiohttp.connector import BaseConnector
 
     import poolwatch
+    from poolwatch._log import errors
     from poolwatch.agent import agent
-    from poolwatch.log import errors
 
     # aiohttp < 3.10.11 waits for a connection inline in connect(): nothing to wrap. (This
     # aiohttp needs the method only when a request queues, which none does here.)

@@ -100,7 +100,7 @@ async def test_leak_detection_off_by_default_logs_nothing(postgres, app_server):
 
 
 def count_checkout_captures(monkeypatch) -> list[int]:
-    from poolwatch import leaks
+    from poolwatch.probes import leaks
 
     calls = [0]
     original = leaks._checkout
@@ -135,7 +135,7 @@ def test_off_means_plain_dict_no_capture_no_thread(agent, tmp_path, monkeypatch)
 def test_on_captures_each_checkout_and_checker_stops(tmp_path, monkeypatch):
     import poolwatch
     from poolwatch.agent import agent
-    from poolwatch.leaks import HeldConnections
+    from poolwatch.probes.leaks import HeldConnections
     from poolwatch.probes.sqlalchemy import watch
 
     calls = count_checkout_captures(monkeypatch)

@@ -18,7 +18,7 @@ import poolwatch
 from poolwatch.agent import agent
 from poolwatch.metrics import AGENT_ERRORS, LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS
 from poolwatch.probes import loop as loop_probe
-from poolwatch.probes.loop import APP, LIBRARY, STDLIB, _library_call, code_kind, sample_stack
+from poolwatch.probes._culprit import APP, LIBRARY, STDLIB, _library_call, code_kind, sample_stack
 from tests.support.load import burst
 from tests.support.net import Samples, free_port, get, wait_for_port
 

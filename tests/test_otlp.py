@@ -325,7 +325,7 @@ def test_bad_otel_settings_stop_the_app_at_startup_naming_the_variable(app_serve
 )
 def test_when_otlp_export_is_on(otlp_option, environ, wanted):
     from poolwatch.config import load_settings
-    from poolwatch.otel_env import otlp_wanted
+    from poolwatch.exporters._otel_env import otlp_wanted
 
     assert otlp_wanted(load_settings({"otlp": otlp_option}, environ={}), environ) is wanted
 
@@ -343,7 +343,7 @@ def test_when_otlp_export_is_on(otlp_option, environ, wanted):
 )
 def test_when_tracing_mode_is_on(tracing_option, environ, wanted):
     from poolwatch.config import load_settings
-    from poolwatch.otel_env import tracing_wanted
+    from poolwatch.exporters._otel_env import tracing_wanted
 
     assert tracing_wanted(load_settings({"tracing": tracing_option}, environ={}), environ) is wanted
 

@@ -9,7 +9,7 @@ import pytest
 
 import poolwatch
 from poolwatch.agent import agent as the_agent
-from poolwatch.poolstats import POOL_NAME
+from poolwatch.probes._pool_stats import POOL_NAME
 
 
 @pytest.fixture

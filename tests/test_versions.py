@@ -16,14 +16,14 @@ import structlog
 from packaging.requirements import Requirement
 
 import poolwatch
-from poolwatch import versions
-from poolwatch.agent import PROBE_MODULES, StartupError, agent
+from poolwatch import probes
+from poolwatch.agent import StartupError, agent
 from poolwatch.metrics import AGENT_ERRORS
 from tests.support.apps import REPO
 
 LIBRARIES = ("sqlalchemy", "asyncpg", "aiohttp")
 INSIDE = {  # the installed releases: all inside here, none under scripts/test-old-libraries
-    lib: versions.within(importlib.metadata.version(lib), versions.SUPPORTED[lib])
+    lib: probes.within(importlib.metadata.version(lib), probes.PROBES[lib].supported)
     for lib in LIBRARIES
 }
 all_inside = pytest.mark.skipif(
@@ -35,7 +35,7 @@ all_inside = pytest.mark.skipif(
 def clean_agent():
     """The agent uninstrumented before and after; the error counts (process-wide, and other
     tests assert them) are put back as they were."""
-    from poolwatch.log import errors
+    from poolwatch._log import errors
 
     counts, logged = errors.counts.copy(), set(errors._logged)
     poolwatch.uninstrument()
@@ -58,7 +58,7 @@ def test_the_ranges_are_those_of_pyproject_extras():
     for library in LIBRARIES:
         declared = {Requirement(r) for r in extras[library]}
         assert {(r.name.lower(), str(r.specifier)) for r in declared} == {
-            (library, str(Requirement(f"{library}{versions.SUPPORTED[library]}").specifier))
+            (library, str(Requirement(f"{library}{probes.PROBES[library].supported}").specifier))
         }
 
 
@@ -78,7 +78,7 @@ def test_the_ranges_are_those_of_pyproject_extras():
     ],
 )
 def test_version_ranges(version, spec, inside):
-    assert versions.within(version, spec) is inside
+    assert probes.within(version, spec) is inside
 
 
 def test_installed_releases_decide_which_probes_load(clean_agent):
@@ -99,7 +99,7 @@ def test_installed_releases_decide_which_probes_load(clean_agent):
         if not inside[lib]:
             found = importlib.metadata.version(lib)
             assert f"{lib} {found} is installed" in lines[0]["event"]
-            assert f"supports {lib}{versions.SUPPORTED[lib]} only" in lines[0]["event"]
+            assert f"supports {lib}{probes.PROBES[lib].supported} only" in lines[0]["event"]
             assert errors_of(lib) >= 1
     if not inside["sqlalchemy"]:
         assert vars(Engine)["__init__"] is original_init  # nothing of the library is touched
@@ -171,10 +171,24 @@ def test_one_heap_walk_for_twenty_instrument_calls(clean_agent, monkeypatch, tmp
     early.dispose()
 
 
-def test_every_probe_with_objects_declares_what_the_walk_finds():
+def test_every_probe_follows_the_contract():
+    """probes/__init__.py: every registered module defines the contract's names, and the probes
+    of a library declare the class whose instances the heap walk adopts."""
     import importlib
+    import inspect
 
-    for name, (library, module_name) in PROBE_MODULES.items():
+    for name, (library, _) in probes.PROBES.items():
+        module = importlib.import_module(f"poolwatch.probes.{name}")
+        assert isinstance(module.PROBE, str), name
+        for function, parameters in (
+            ("install", ["agent", "hooks"]),
+            ("existing", ["agent", "obj"]),
+            ("watch", ["agent", "obj", "name"]),
+            ("start", ["agent"]),
+        ):
+            found = list(inspect.signature(getattr(module, function)).parameters)
+            assert len(found) == len(parameters), (name, function, found)
         if library in LIBRARIES:
-            module = importlib.import_module(module_name)
-            assert isinstance(module.WATCHES, type) and callable(module.watch_existing), name
+            assert isinstance(module.WATCHES, type), name
+        else:
+            assert module.WATCHES is None, name

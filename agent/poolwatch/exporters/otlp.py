@@ -63,8 +63,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from .. import __version__
-from ..log import errors
+from .._log import errors
+from .._types import Undo
+from .._version import __version__
 from ..metrics import (
     BUCKETS,
     BUILD_INFO,
@@ -75,8 +76,7 @@ from ..metrics import (
     HistogramValue,
     Point,
 )
-from ..otel_env import export_timeout, protocol
-from ..patching import Undo
+from ._otel_env import export_timeout, protocol
 
 PROBE = "otlp"
 SCOPE = "poolwatch"

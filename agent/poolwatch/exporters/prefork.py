@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ..log import errors, logger
+from .._log import errors, logger
 from .multiproc import (
     STALE_AFTER,
     Publisher,

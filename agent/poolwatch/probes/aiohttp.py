@@ -23,14 +23,18 @@ import threading
 import weakref
 from collections import Counter
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector
 
+from .._histogram import Histogram
+from .._log import errors
+from .._patching import subclasses, watch_new_instances
+from .._types import Hooks, Stop
+from .._types import Host as Agent
 from ..config import Settings
-from ..log import errors
 from ..metrics import (
     AIOHTTP_ERRORS,
     AIOHTTP_LIMIT,
@@ -38,13 +42,8 @@ from ..metrics import (
     AIOHTTP_WAIT_TIME,
     HTTP_CLIENT_DURATION,
     HTTP_CLIENT_OPEN,
-    Histogram,
     Point,
 )
-from ..patching import Undo, subclasses, watch_new_instances, wrap_method
-
-if TYPE_CHECKING:
-    from ..agent import Agent
 
 PROBE = "aiohttp"
 STATE_ATTR = "_poolwatch_state"  # on watched connectors
@@ -218,25 +217,26 @@ def _make_connection_lost(original: Any) -> Any:
     return connection_lost
 
 
-def install(agent: Agent) -> list[Undo]:
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+def install(agent: Agent, hooks: Hooks) -> None:
     global _agent
     _reset()
     _agent = agent
-    undos = [
-        wrap_method(aiohttp.ClientSession, "__init__", watch_new_instances(agent, PROBE, watch)),
-        wrap_method(aiohttp.ClientSession, "_request", _make_request),
-        wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
-    ]
-    if hasattr(BaseConnector, WAIT_METHOD):
-        undos.append(wrap_method(BaseConnector, WAIT_METHOD, _make_wait))
-    else:  # aiohttp < 3.10.11 waits inline in connect(): nothing to time without a TraceConfig
-        _unreadable("wait_time", AttributeError(f"BaseConnector has no {WAIT_METHOD}"))
-    for cls in subclasses(BaseConnector):
-        if "_create_connection" in vars(cls) and cls is not BaseConnector:
-            undos.append(wrap_method(cls, "_create_connection", _make_create_connection))
+    hooks.on_undo(_detach_all)
+    session = aiohttp.ClientSession
+    hooks.wrap(session, "_request", _make_request, "async (self, method, str_or_url, ...)")
+    hooks.wrap(ResponseHandler, "connection_lost", _make_connection_lost, "(self, exc)")
+    if not hooks.feature(BaseConnector, WAIT_METHOD, _make_wait, "async (self, key, ...)"):
+        _failed.add("wait_time")  # its series is left out
+    for cls in subclasses(BaseConnector)[1:]:  # TCPConnector, UnixConnector...
+        make, params = _make_create_connection, "async (self, req, ...)"
+        hooks.wrap(cls, "_create_connection", make, params, inherited=False)
+    hooks.wrap(session, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
     agent.registry.add(_SOURCE)
-    undos.append(_detach_all)
-    return undos
+
+
+def start(agent: Agent) -> Stop | None:
+    return None
 
 
 def _reset() -> None:
@@ -262,7 +262,7 @@ def _detach_all() -> None:
 WATCHES = aiohttp.ClientSession  # sessions made before instrument(): the agent's one heap walk
 
 
-def watch_existing(agent: Agent, session: aiohttp.ClientSession) -> None:
+def existing(agent: Agent, session: aiohttp.ClientSession) -> None:
     if not session.closed:
         watch(agent, session)
 

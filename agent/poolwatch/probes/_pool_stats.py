@@ -11,9 +11,11 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from time import perf_counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from .metrics import (
+from .._histogram import Histogram
+from .._types import Sources
+from ..metrics import (
     DB_COUNT,
     DB_CREATE_TIME,
     DB_IDLE_MAX,
@@ -26,12 +28,9 @@ from .metrics import (
     LEAKS,
     SA_INVALIDATIONS,
     SA_OVERFLOW,
-    Histogram,
     Point,
 )
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from .leaks import HeldConnections
 
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -71,7 +70,7 @@ class PoolStats:
     ) -> None:
         self.probe = probe
         self.wanted = self.name = name  # the name asked for; ``name`` is the one held
-        self.registry: Registry | None = None  # while attached: collected, and holding ``name``
+        self.registry: Sources | None = None  # while attached: collected, and holding ``name``
         self.read_gauges = read_gauges  # returns None once the pool is gone
         self.timeouts = 0
         self.leaks = 0
@@ -82,15 +81,13 @@ class PoolStats:
         self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
         self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
         if track_leaks:  # off: a plain dict, so the probes' hot path does no extra work
-            from .leaks import HeldConnections
-
             self.held = HeldConnections(self)
         self.closed = False
         self.tokens = itertools.count()  # wait tokens: unique across threads
         self._lock = threading.Lock()
 
     # --- open and close: rare ---------------------------------------------------------------
-    def attach(self, registry: Registry) -> None:
+    def attach(self, registry: Sources) -> None:
         """Hold a name (``wanted``, else ``wanted#2``...) and be collected from now on."""
         with self._lock:
             if self.registry is not None:
