@@ -74,7 +74,10 @@ def check_target(cls: type, name: str, shape: str) -> None:
     names = [n.strip() for n in shape.removeprefix("async ").strip("() ").split(",")]
     rest = names[-1] == "..."
     names = names[:-1] if rest else names
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional: tuple[inspect._ParameterKind, ...] = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
     by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     changed = TargetChanged(f"{where} takes {_shown(parameters)}, the probe expects {shape}")
     kinds, index = positional, 0

@@ -108,8 +108,15 @@ class Probe(Protocol):
     version, with the rules a probe follows, is the docstring of ``poolwatch/probes/__init__.py``.
     """
 
-    PROBE: str  # the label of poolwatch_agent_errors_total{probe} its failures are counted under
-    WATCHES: type | None  # the class whose instances made before instrument() it adopts
+    @property
+    def PROBE(self) -> str:
+        """The label of ``poolwatch_agent_errors_total{probe}`` its failures are counted under."""
+        ...
+
+    @property
+    def WATCHES(self) -> type | None:
+        """The class whose instances made before ``instrument()`` it adopts (None: none)."""
+        ...
 
     def install(self, agent: Host, hooks: Hooks) -> None: ...
 

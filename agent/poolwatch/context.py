@@ -134,15 +134,15 @@ def route_template(scope: dict[str, Any]) -> str | None:
         return None
     router = scope.get("router")
     index = route_indexes.get(id(router)) if router is not None else None
-    found = index.templates.get(id(key), _MISSING) if index is not None else _MISSING
+    found: Any = index.templates.get(id(key), _MISSING) if index is not None else _MISSING
     if found.__class__ is str:
-        return found  # type: ignore[no-any-return]
+        return found
     if found is None:
         return None
     if found is _MISSING:
         found = _slow_lookup(router, key, scope)
         if found is None or found.__class__ is str:
-            return found  # type: ignore[no-any-return]
+            return found
     return _match(found, scope)
 
 
@@ -202,5 +202,5 @@ def _match(candidates: tuple[tuple[Any, str], ...], scope: dict[str, Any]) -> st
         path = path[len(root) :]
     for regex, template in candidates:
         if regex.match(path):
-            return template  # type: ignore[no-any-return]
+            return template
     return candidates[0][1]

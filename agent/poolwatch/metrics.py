@@ -45,7 +45,7 @@ class HistogramValue(NamedTuple):
     total: float  # sum of observed values
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # shadows tuple.count: unused here
         return sum(self.counts)
 
 

@@ -59,7 +59,7 @@ class PostgresView:
         from psycopg.conninfo import conninfo_to_dict
 
         try:
-            params = conninfo_to_dict(dsn)
+            params: dict[str, Any] = conninfo_to_dict(dsn)
         except Exception:  # its message may quote the DSN, password included: do not show it
             raise InvalidDsn from None
         params.setdefault("application_name", "poolwatch-exporter")
@@ -70,13 +70,13 @@ class PostgresView:
             f"{params.get('options', '')} -c statement_timeout={int(timeout * 1000)}"
         )
         self._params = params
-        self._password = params.get("password") or os.environ.get("PGPASSWORD")
+        self._password: str | None = params.get("password") or os.environ.get("PGPASSWORD")
         self._timeout = timeout
-        self.server = {
-            "server.address": params.get("host") or os.environ.get("PGHOST") or "localhost",
-            "server.port": params.get("port") or os.environ.get("PGPORT") or "5432",
+        self.server: dict[str, str] = {
+            "server.address": str(params.get("host") or os.environ.get("PGHOST") or "localhost"),
+            "server.port": str(params.get("port") or os.environ.get("PGPORT") or "5432"),
         }
-        self.database = params.get("dbname") or os.environ.get("PGDATABASE") or ""
+        self.database = str(params.get("dbname") or os.environ.get("PGDATABASE") or "")
         self._conn: Any = None
         self._lock = threading.Lock()  # one query at a time on the one connection
         self._up: bool | None = None

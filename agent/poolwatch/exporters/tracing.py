@@ -14,6 +14,7 @@ instrumentation names it by route itself; two owners of one name would fight ove
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from typing import Any
 
 from opentelemetry import trace
@@ -53,7 +54,7 @@ class TracingLayer(OpenTelemetryMiddleware):
     here: then an outer layer (OpenTelemetry's own instrumentation wrapping the app) made the
     server span, and this one would only add an INTERNAL duplicate of it."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if trace.get_current_span() is not trace.INVALID_SPAN:
             await self.app(scope, receive, send)
         else:
@@ -100,10 +101,15 @@ def start() -> None:
     if "otlp" in names:
         if protocol("TRACES") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            exporter: Any = OTLPSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpExporter,
+            )
+
+            exporter = HttpExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     if "console" in names:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)

@@ -38,7 +38,18 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # the type checker holds every probe module to the contract (_types.Probe)
+    from .._types import Probe
+    from . import aiohttp, asyncpg, http_server, leaks, loop, sqlalchemy
+
+    _sqlalchemy: Probe = sqlalchemy
+    _asyncpg: Probe = asyncpg
+    _leaks: Probe = leaks
+    _aiohttp: Probe = aiohttp
+    _loop: Probe = loop
+    _http_server: Probe = http_server
 
 
 class Line(NamedTuple):

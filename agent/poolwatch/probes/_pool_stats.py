@@ -28,6 +28,8 @@ from ..metrics import (
     LEAKS,
     SA_INVALIDATIONS,
     SA_OVERFLOW,
+    HistogramValue,
+    Metric,
     Point,
 )
 from .leaks import HeldConnections
@@ -164,16 +166,16 @@ class PoolStats:
         used = len(self.held) if gauges.used is None else gauges.used
         yield Point(DB_COUNT, {**pool, STATE: "idle"}, gauges.idle)
         yield Point(DB_COUNT, {**pool, STATE: "used"}, used)
-        for metric, value in (
+        for metric, size in (
             (DB_IDLE_MAX, gauges.idle_max),
             (DB_IDLE_MIN, gauges.idle_min),
             (DB_MAX, gauges.max),
             (SA_OVERFLOW, gauges.overflow),
         ):
-            if value is not None:
-                yield Point(metric, pool, value)
+            if size is not None:
+                yield Point(metric, pool, size)
         with self._lock:  # copy under the lock, yield outside it
-            events = [
+            events: list[tuple[Metric, dict[str, str], float | HistogramValue]] = [
                 (DB_PENDING, pool, len(self.waiting)),
                 (DB_TIMEOUTS, pool, self.timeouts),
                 (LEAKS, pool, self.leaks),

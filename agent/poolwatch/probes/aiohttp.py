@@ -97,7 +97,7 @@ class _ConnectorState:
 # unlike iterating a WeakKeyDictionary from the exporter thread.
 _lock = threading.Lock()
 _agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a new host shows up
-_hosts: dict[tuple[str, int | None], Host] = {}
+_hosts: dict[tuple[str | None, int | None], Host] = {}
 _events: dict[tuple[str | None, Host], _Events] = {}
 _connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
 _open: weakref.WeakKeyDictionary[ResponseHandler, _Open] = weakref.WeakKeyDictionary()
@@ -205,7 +205,7 @@ def _make_create_connection(original: Any) -> Any:
 
 
 def _make_connection_lost(original: Any) -> Any:
-    def connection_lost(self: ResponseHandler, exc: BaseException | None) -> None:
+    def connection_lost(self: ResponseHandler, exc: BaseException | None) -> Any:
         try:
             opened = _open.pop(self, None)
             if opened is not None and opened.since is not None:
@@ -277,10 +277,11 @@ def watch(agent: Agent, session: aiohttp.ClientSession, name: str | None = None)
         state = _ConnectorState(name)
         setattr(connector, STATE_ATTR, state)
         ckey = id(connector)
-        _connectors[ckey] = (
-            weakref.ref(connector, lambda _, ckey=ckey: _connectors.pop(ckey, None)),
-            state,
-        )
+
+        def gone(_: object) -> None:
+            _connectors.pop(ckey, None)
+
+        _connectors[ckey] = (weakref.ref(connector, gone), state)
     elif name:
         state.name = name
 
@@ -369,21 +370,21 @@ class _Source:
         events = list(_events.items())
         named = any(name for name in reading.limits) or any(name for (name, _), _ in events)
 
-        def labels(name: str | None, host: Host | None = None, **more: str) -> dict[str, str]:
+        def labels(
+            name: str | None, host: Host | None = None, more: dict[str, str] | None = None
+        ) -> dict[str, str]:
             out = {ADDRESS: host[0], PORT: host[1]} if host else {}
             if named:  # empty for unnamed sessions: the same series as without the label
                 out[SESSION] = name or ""
-            return {**out, **more}
+            return {**out, **(more or {})}
 
         points: list[Point] = []
-        for (name, host, scheme, state), count in sorted(reading.open.items(), key=_order):
-            feature = "active" if state == "active" else "idle"
+        for (name, host, scheme, conn), count in sorted(reading.open.items(), key=_order):
+            feature = "active" if conn == "active" else "idle"
             if (name, feature) not in reading.missing:
                 points.append(
                     Point(
-                        HTTP_CLIENT_OPEN,
-                        labels(name, host, **{SCHEME: scheme, STATE: state}),
-                        count,
+                        HTTP_CLIENT_OPEN, labels(name, host, {SCHEME: scheme, STATE: conn}), count
                     )
                 )
         for (name, host), count in sorted(reading.pending.items(), key=_order):
@@ -392,7 +393,7 @@ class _Source:
         for name, limits in sorted(reading.limits.items(), key=_order):
             for scope, value in limits.items():
                 if value is not None:
-                    points.append(Point(AIOHTTP_LIMIT, labels(name, **{SCOPE: scope}), value))
+                    points.append(Point(AIOHTTP_LIMIT, labels(name, None, {SCOPE: scope}), value))
         for (name, host), ev in sorted(events, key=_order):
             if "wait_time" not in _failed:
                 points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
@@ -401,7 +402,7 @@ class _Source:
                 counts = sorted(ev.errors.items())
             for error_type, count in counts:
                 points.append(
-                    Point(AIOHTTP_ERRORS, labels(name, host, **{ERROR_TYPE: error_type}), count)
+                    Point(AIOHTTP_ERRORS, labels(name, host, {ERROR_TYPE: error_type}), count)
                 )
         return points
 

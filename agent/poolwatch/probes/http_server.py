@@ -103,7 +103,7 @@ class HttpServerStats:
         if index is not None:
             template = index.templates.get(id(scope.get("route") or scope.get("endpoint")))
             if template.__class__ is str and template in self._labels:
-                return template  # type: ignore[no-any-return]
+                return template
         template = route_template(scope)
         if template is None:
             return UNMATCHED
@@ -113,6 +113,7 @@ class HttpServerStats:
         """``send`` that names the server span after the route when the response starts:
         routing is done by then, and the span is still open."""
         on_route = self.on_route
+        assert on_route is not None  # only called in tracing mode
 
         def send_naming(message: dict[str, Any]) -> Any:
             if message["type"] == "http.response.start":

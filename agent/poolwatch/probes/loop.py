@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from time import perf_counter
+from types import FrameType
 from typing import Any, NamedTuple
 
 from .._histogram import FOLD_AT, Histogram
@@ -41,7 +42,7 @@ TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tas
 # asyncio's dispatch between the frame running the loop and a callback (uvloop's is C code)
 _DISPATCH = (
     asyncio.events.Handle._run.__code__,
-    asyncio.base_events.BaseEventLoop._run_once.__code__,
+    asyncio.base_events.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
 )
 
 
@@ -129,7 +130,7 @@ class LoopWatch:
 
     # --- on the loop's thread: the tick -----------------------------------------------------
     def _first_tick(self) -> None:
-        runner = sys._getframe(1)  # under asyncio, its dispatch; under uvloop, C calls us
+        runner: FrameType | None = sys._getframe(1)  # asyncio's dispatch; under uvloop, C
         while runner is not None and runner.f_code in _DISPATCH:
             runner = runner.f_back
         if runner is not None:  # kept as (id, code): a frame reference would hold its locals
