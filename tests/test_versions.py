@@ -31,19 +31,6 @@ all_inside = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def clean_agent():
-    """The agent uninstrumented before and after; the error counts (process-wide, and other
-    tests assert them) are put back as they were."""
-    from poolwatch._log import errors
-
-    counts, logged = errors.counts.copy(), set(errors._logged)
-    poolwatch.uninstrument()
-    yield agent
-    poolwatch.uninstrument()
-    errors.counts, errors._logged = counts, logged
-
-
 def errors_of(probe: str) -> float:
     return next(
         p.value

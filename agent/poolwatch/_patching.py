@@ -9,7 +9,9 @@ it is checked against the shape its wrapper assumes, written like a signature::
 
     hooks.wrap(Pool, "_acquire", make_acquire, "async (self, timeout)")
 
-The target must exist, be callable, be a coroutine function exactly when ``async`` is written,
+The target must be defined by that class itself (a method it merely inherits is not the one the
+wrapper means: wrapping it would shadow the class's own under another name), be callable, be a
+coroutine function exactly when ``async`` is written,
 and take those parameters in that order (names after ``*`` as keywords); ``...`` at the end lets
 any further parameters follow, else the ones that follow must have defaults. A library release
 that renamed or reshaped the method raises :class:`TargetChanged` before anything of it is
@@ -57,12 +59,14 @@ def wrap_method(cls: type, name: str, make: Make) -> Undo:
 def check_target(cls: type, name: str, shape: str) -> None:
     """Raise :class:`TargetChanged` unless ``cls.name`` has ``shape`` (see the module's doc)."""
     where = f"{cls.__module__}.{cls.__qualname__}.{name}"
-    target = inspect.getattr_static(cls, name, None)
-    if isinstance(target, staticmethod | classmethod):
-        raise TargetChanged(f"{where} is a {type(target).__name__}, the probe wraps a method")
-    target = getattr(cls, name, None)
-    if target is None or not callable(target):
+    own = vars(cls).get(name)
+    if own is None:  # gone, or only inherited now
         raise TargetChanged(f"{where} is missing")
+    if isinstance(own, staticmethod | classmethod):
+        raise TargetChanged(f"{where} is a {type(own).__name__}, the probe wraps a method")
+    target = getattr(cls, name)
+    if not callable(target):
+        raise TargetChanged(f"{where} is not callable")
     wants_async = shape.startswith("async ")
     if inspect.iscoroutinefunction(target) != wants_async:
         kind = "a coroutine function" if wants_async else "a plain function"
@@ -112,15 +116,21 @@ class Hooks:
         self.undos: list[Undo] = []
 
     def wrap(
-        self, cls: type, name: str, make: Make, params: str, *, inherited: bool = True
+        self, cls: type, name: str, make: Make, params: str, *, override: bool = False
     ) -> None:
         """Wrap ``cls.name`` (checked against ``params``, see the module's doc) with
         ``make(original)``. Raises :class:`TargetChanged`: the probe cannot run without it.
-        ``inherited=False``: only where ``cls`` defines ``name`` itself (a subclass override)."""
-        if not inherited and name not in vars(cls):
+        ``override=True``: a subclass's override of a method wrapped on its base, if it has
+        one (else nothing to do)."""
+        if override and name not in vars(cls):
             return
         check_target(cls, name, params)
         self.undos.append(wrap_method(cls, name, make))
+
+    def require(self, cls: type, name: str, params: str) -> None:
+        """Check ``cls.name`` as :meth:`wrap` would, without wrapping it: a base class whose
+        subclasses' overrides are wrapped (``override=True``) must still have the method."""
+        check_target(cls, name, params)
 
     def feature(self, cls: type, name: str, make: Make, params: str) -> bool:
         """Like :meth:`wrap`, for a hook one series needs and the probe can run without: a target

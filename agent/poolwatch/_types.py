@@ -89,8 +89,10 @@ class Hooks(Protocol):
         make: Callable[[Callable[..., Any]], Callable[..., Any]],
         params: str,
         *,
-        inherited: bool = True,
+        override: bool = False,
     ) -> None: ...
+
+    def require(self, cls: type, name: str, params: str) -> None: ...
 
     def feature(
         self,

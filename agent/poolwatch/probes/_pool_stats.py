@@ -69,6 +69,7 @@ class PoolStats:
         *,
         invalidations: bool = False,
         track_leaks: bool = False,
+        times_creates: bool = True,
     ) -> None:
         self.probe = probe
         self.wanted = self.name = name  # the name asked for; ``name`` is the one held
@@ -79,6 +80,7 @@ class PoolStats:
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
+        self.times_creates = times_creates  # False: the probe cannot time new connections
         self.invalidations = {"false": 0, "true": 0} if invalidations else None
         self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
         self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
@@ -181,8 +183,9 @@ class PoolStats:
                 (LEAKS, pool, self.leaks),
                 (DB_WAIT_TIME, pool, self.wait_time.value()),
                 (DB_USE_TIME, pool, self.use_time.value()),
-                (DB_CREATE_TIME, pool, self.create_time.value()),
             ]
+            if self.times_creates:
+                events.append((DB_CREATE_TIME, pool, self.create_time.value()))
             for soft, count in (self.invalidations or {}).items():
                 events.append((SA_INVALIDATIONS, {**pool, "soft": soft}, count))
         for metric, attributes, value in events:

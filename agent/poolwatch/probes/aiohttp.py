@@ -228,9 +228,10 @@ def install(agent: Agent, hooks: Hooks) -> None:
     hooks.wrap(ResponseHandler, "connection_lost", _make_connection_lost, "(self, exc)")
     if not hooks.feature(BaseConnector, WAIT_METHOD, _make_wait, "async (self, key, ...)"):
         _failed.add("wait_time")  # its series is left out
+    make, params = _make_create_connection, "async (self, req, ...)"
+    hooks.require(BaseConnector, "_create_connection", params)
     for cls in subclasses(BaseConnector)[1:]:  # TCPConnector, UnixConnector...
-        make, params = _make_create_connection, "async (self, req, ...)"
-        hooks.wrap(cls, "_create_connection", make, params, inherited=False)
+        hooks.wrap(cls, "_create_connection", make, params, override=True)
     hooks.wrap(session, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
     agent.registry.add(_SOURCE)
 

@@ -22,6 +22,7 @@ from .leaks import enabled as leak_detection
 
 PROBE = "asyncpg"
 _stats: dict[int, PoolStats] = {}  # id(pool) -> stats, while the pool is open
+_times_creates = True  # Pool._get_new_connection could be wrapped
 
 
 def _make_acquire(original: Any) -> Any:
@@ -122,7 +123,10 @@ def install(agent: Host, hooks: Hooks) -> None:
     hooks.wrap(Pool, "close", _make_close, "async (self)")
     hooks.wrap(Pool, "terminate", _make_terminate, "(self)")
     # private, and create_time alone needs it: the probe runs on without it
-    hooks.feature(Pool, "_get_new_connection", _make_new_connection, "async (self)")
+    global _times_creates
+    _times_creates = hooks.feature(
+        Pool, "_get_new_connection", _make_new_connection, "async (self)"
+    )
     hooks.wrap(Pool, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
 
 
@@ -178,7 +182,11 @@ def watch(agent: Host, pool: Pool, name: str | None = None) -> PoolStats:
             stats.rename(name)
         return stats
     stats = PoolStats(
-        PROBE, name or pool_name(pool), lambda: _gauges(pool), track_leaks=leak_detection(agent)
+        PROBE,
+        name or pool_name(pool),
+        lambda: _gauges(pool),
+        track_leaks=leak_detection(agent),
+        times_creates=_times_creates,
     )
     _stats[id(pool)] = stats
     stats.attach(agent.registry)

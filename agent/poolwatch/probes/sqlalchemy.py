@@ -113,7 +113,7 @@ def install(agent: Host, hooks: Hooks) -> None:
             ("recreate", _make_recreate, "(self)"),
             ("_return_conn", _make_return_conn, "(self, record)"),
         ):
-            hooks.wrap(cls, name, make, params, inherited=False)
+            hooks.wrap(cls, name, make, params, override=True)
     make_init = watch_new_instances(agent, PROBE, watch)
     hooks.wrap(Engine, "__init__", make_init, "(self, ...)")
 
