@@ -343,7 +343,7 @@ def _collected(reader) -> dict:
     }
 
 
-def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(tmp_path):
+def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(clean_agent, tmp_path):
     from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
     from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
     from sqlalchemy import create_engine, text
@@ -446,7 +446,7 @@ def test_an_unknown_sdk_shape_degrades_with_one_warning(monkeypatch, capsys):
         otlp.join(MeterProvider(), list)
 
 
-def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
+def test_a_missing_grpc_exporter_degrades_with_one_warning(clean_agent, monkeypatch, capsys):
     import poolwatch
     from poolwatch._log import errors
     from poolwatch.agent import agent
@@ -455,11 +455,8 @@ def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     before = errors.counts["otlp"]
     poolwatch.instrument(metrics_port=0, otlp=True)
-    try:
-        agent.start()  # serves on
-        assert agent.started
-    finally:
-        poolwatch.uninstrument()
+    agent.start()  # serves on
+    assert agent.started
     assert errors.counts["otlp"] == before + 1
     captured = capsys.readouterr()  # stdout too: the app may have configured structlog
     (line,) = [x for x in (captured.err + captured.out).splitlines() if "OTLP export" in x]

@@ -18,10 +18,11 @@ from packaging.requirements import Requirement
 import poolwatch
 from poolwatch import probes
 from poolwatch.agent import StartupError, agent
-from poolwatch.metrics import AGENT_ERRORS
+from poolwatch.testing import snapshot
 from tests.support.apps import REPO
 
 LIBRARIES = ("sqlalchemy", "asyncpg", "aiohttp")
+POOL = "db_client_connection_pool_name"
 INSIDE = {  # the installed releases: all inside here, none under scripts/test-old-libraries
     lib: probes.within(importlib.metadata.version(lib), probes.PROBES[lib].supported)
     for lib in LIBRARIES
@@ -32,11 +33,12 @@ all_inside = pytest.mark.skipif(
 
 
 def errors_of(probe: str) -> float:
-    return next(
-        p.value
-        for p in agent.registry.collect()
-        if p.metric is AGENT_ERRORS and p.attributes == {"probe": probe}
-    )
+    return snapshot().value("poolwatch_agent_errors_total", probe=probe)
+
+
+def sqlalchemy_pools() -> set[str]:
+    """The names of the SQLAlchemy pools poolwatch exports now."""
+    return snapshot().label_values("sqlalchemy_pool_invalidations_total", POOL)
 
 
 def test_the_ranges_are_those_of_pyproject_extras():
@@ -113,7 +115,7 @@ def test_a_release_outside_the_range_leaves_its_probe_off(clean_agent, monkeypat
             pass
     assert agent.probe("sqlalchemy") is None
     assert vars(Engine)["__init__"] is original_init
-    assert not [p for p in agent.registry.collect() if "orders" in p.attributes.values()]
+    assert not [s for s in snapshot().samples if "orders" in s.labels.values()]
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert [e["event"] for e in warnings] == [
         "poolwatch: the sqlalchemy probe is off: sqlalchemy 1.4.31 is installed, the probe "
@@ -149,12 +151,12 @@ def test_one_heap_walk_for_twenty_instrument_calls(clean_agent, monkeypatch, tmp
         poolwatch.instrument(metrics_port=0)
         engines.append(create_engine(f"sqlite:///{tmp_path}/db{n}.db"))  # the creation hook
     assert len(walks) == 1
-    names = {s.name for s in agent.registry.sources() if s.probe == "sqlalchemy"}
+    names = sqlalchemy_pools()
     assert names >= {"early.db"} | {f"db{n}.db" for n in range(20)}  # earlier tests' engines too
     poolwatch.uninstrument()
     poolwatch.instrument(metrics_port=0)  # a fresh start searches again
     assert len(walks) == 2
-    assert "early.db" in {getattr(s, "name", None) for s in agent.registry.sources()}
+    assert "early.db" in sqlalchemy_pools()
     early.dispose()
 
 
