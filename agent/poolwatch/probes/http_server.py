@@ -39,6 +39,9 @@ METHOD, ROUTE, STATUS = "http.request.method", "http.route", "http.response.stat
 METHODS = HTTP_METHODS
 OTHER = HTTP_OTHER_METHOD  # also the route label past max_routes
 UNMATCHED = "_UNMATCHED"
+# Not called through the imported name: CPython compiles ``imported_name.get(...)`` as an
+# attribute load (a bound method made per request), a plain global's as a method call.
+_indexes = route_indexes
 
 
 class HttpServerStats:
@@ -99,7 +102,7 @@ class HttpServerStats:
 
     def route_label(self, scope: dict[str, Any]) -> str:
         # route_template's common case, inlined: three dict lookups and a set lookup
-        index = route_indexes.get(id(scope.get("router")))
+        index = _indexes.get(id(scope.get("router")))
         if index is not None:
             template = index.templates.get(id(scope.get("route") or scope.get("endpoint")))
             if template.__class__ is str and template in self._labels:
