@@ -196,3 +196,19 @@ async def test_a_probe_that_raises_while_installing_is_undone(clean_agent, monke
     assert dict(vars(Pool)) == before
     assert errors.counts["asyncpg"] == counted + 1
     await asyncio.wait_for(use_the_library("asyncpg", postgres, None), 30)
+
+
+def test_a_probe_that_cannot_import_what_it_hooks_is_off(clean_agent, monkeypatch):
+    """A release that moved a class a probe imports: that probe is off, instrument() goes on."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "poolwatch.probes.aiohttp")  # imported afresh below
+    monkeypatch.setitem(sys.modules, "aiohttp.client_proto", None)  # "no such module" now
+    counted = errors.counts["aiohttp"]
+    with structlog.testing.capture_logs() as logs:
+        poolwatch.instrument(metrics_port=0)
+    assert clean_agent.probe("aiohttp") is None
+    assert clean_agent.probe("sqlalchemy") is not None
+    assert errors.counts["aiohttp"] == counted + 1
+    (line,) = [e for e in logs if e.get("probe") == "aiohttp"]
+    assert "the aiohttp probe is off" in line["event"] and "aiohttp.client_proto" in line["event"]

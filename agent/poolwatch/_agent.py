@@ -96,14 +96,15 @@ class Agent:
             return None
         why, label = refusal(name), name
         if why is None:
-            module: ModuleType = importlib.import_module(f"{__package__}.probes.{name}")
-            probe = cast(Probe, module)
-            label = probe.PROBE
             version = f"{library} {installed(library)}" if library is not None else None
             hooks = Hooks(label, version)
             try:
+                # the import too: a release that moved a class the probe imports is a change
+                module: ModuleType = importlib.import_module(f"{__package__}.probes.{name}")
+                probe = cast(Probe, module)
+                hooks.probe = label = probe.PROBE
                 probe.install(self, hooks)
-            except TargetChanged as exc:
+            except (TargetChanged, ImportError) as exc:
                 hooks.undo()  # nothing of a half-installed probe stays in place
                 why = (
                     f"poolwatch: the {name} probe is off: {exc}"
