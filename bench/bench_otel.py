@@ -37,7 +37,6 @@ async def main(rounds: int, requests: int) -> None:
 
     import poolwatch
     from poolwatch.agent import agent
-    from poolwatch.probes import http_server
 
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
@@ -56,9 +55,9 @@ async def main(rounds: int, requests: int) -> None:
 
     otel_only, with_poolwatch = make_app(), make_app()
     poolwatch.instrument(with_poolwatch)
-    recording = http_server.stats  # poolwatch's HTTP series, before they step aside
+    recording = agent.http_server  # poolwatch's HTTP series, before they step aside
     agent.start()
-    assert http_server.stats is None, "poolwatch's http.server.* did not step aside"
+    assert agent.http_server is None, "poolwatch's http.server.* did not step aside"
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET"}
     scope |= {"scheme": "http", "path": "/", "raw_path": b"/", "root_path": "", "headers": []}
@@ -81,7 +80,7 @@ async def main(rounds: int, requests: int) -> None:
 
     def http_stats(stats):
         def switch() -> None:
-            http_server.stats = stats
+            agent.http_server = stats
 
         return switch
 
@@ -94,7 +93,7 @@ async def main(rounds: int, requests: int) -> None:
         await run()  # warm up
     medians = await interleave(variants, rounds)
     report("Time per request, trivial route (ratio of times)", medians, "OpenTelemetry alone")
-    http_server.stats = None
+    agent.http_server = None
 
     # three SQLite pools, each used once: the registry of a small service
     with tempfile.TemporaryDirectory() as directory:

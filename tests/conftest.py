@@ -63,15 +63,29 @@ def app_server():
 
 
 @pytest.fixture
-def agent():
-    """The process-wide agent, instrumented in this process with its listener on a free port."""
+def clean_agent():
+    """The process-wide agent, uninstrumented before and after the test, which instruments it
+    as it needs (``poolwatch.instrument(...)``). The error counts (process-wide; tests assert
+    them) are put back as they were."""
     import poolwatch
+    from poolwatch._log import errors
     from poolwatch.agent import agent as the_agent
 
-    poolwatch.instrument(metrics_port=free_port())
-    the_agent.start()
+    counts, logged = errors.counts.copy(), set(errors._logged)
+    poolwatch.uninstrument()
     yield the_agent
     poolwatch.uninstrument()
+    errors.counts, errors._logged = counts, logged
+
+
+@pytest.fixture
+def agent(clean_agent):
+    """The process-wide agent, instrumented in this process with its listener on a free port."""
+    import poolwatch
+
+    poolwatch.instrument(metrics_port=free_port())
+    clean_agent.start()
+    return clean_agent
 
 
 @pytest.fixture(autouse=True)

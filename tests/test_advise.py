@@ -16,11 +16,11 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from poolwatch._registry import Registry
 from poolwatch.cli.advise import Budget, fleet_lines, from_snapshots, recommend, report
 from poolwatch.cli.scrape import parse
 from poolwatch.exporters.prometheus import PoolwatchCollector
-from poolwatch.poolstats import PoolGauges, PoolStats
-from poolwatch.registry import Registry
+from poolwatch.probes._pool_stats import PoolGauges, PoolStats
 from tests.support import planted
 from tests.support.net import free_port, get, wait_for_port
 from tests.support.postgres import PASSWORD

@@ -22,21 +22,16 @@ def used(samples, name: str) -> float:
     )
 
 
-def test_engines_created_before_instrument_are_found(tmp_path):
+def test_engines_created_before_instrument_are_found(clean_agent, tmp_path):
     import poolwatch
-    from poolwatch.agent import agent
+    from poolwatch.testing import snapshot
 
     engine = create_engine(f"sqlite:///{tmp_path}/early.db", poolclass=QueuePool)
     poolwatch.instrument(metrics_port=0)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        names = {
-            p.attributes.get("db.client.connection.pool.name") for p in agent.registry.collect()
-        }
-        assert "early.db" in names
-    finally:
-        poolwatch.uninstrument()
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    names = snapshot().label_values("db_client_connection_max", "db_client_connection_pool_name")
+    assert "early.db" in names
 
 
 def test_dispose_and_recreate_keep_being_measured(agent, tmp_path):
@@ -110,7 +105,7 @@ def test_explicit_name_and_collected_engine_disappears(agent, tmp_path):
     )
 
 
-def test_uninstrument_restores_every_hook_and_instrument_is_idempotent():
+def test_uninstrument_restores_every_hook_and_instrument_is_idempotent(clean_agent):
     import asyncpg.pool
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
@@ -140,7 +135,7 @@ def test_uninstrument_restores_every_hook_and_instrument_is_idempotent():
     assert not hasattr(Pool, "_poolwatch_stats")
 
 
-def test_plain_asgi_app_is_wrapped_and_starlette_instrumented_in_place():
+def test_plain_asgi_app_is_wrapped_and_starlette_instrumented_in_place(clean_agent):
     from fastapi import FastAPI
 
     import poolwatch
@@ -149,15 +144,12 @@ def test_plain_asgi_app_is_wrapped_and_starlette_instrumented_in_place():
     async def bare(scope, receive, send):
         pass
 
-    try:
-        wrapped = poolwatch.instrument(bare, metrics_port=0)
-        assert isinstance(wrapped, PoolwatchMiddleware) and wrapped.app is bare
-        app = FastAPI()
-        assert poolwatch.instrument(app) is app
-        poolwatch.instrument(app)
-        assert sum(m.cls is PoolwatchMiddleware for m in app.user_middleware) == 1
-    finally:
-        poolwatch.uninstrument()
+    wrapped = poolwatch.instrument(bare, metrics_port=0)
+    assert isinstance(wrapped, PoolwatchMiddleware) and wrapped.app is bare
+    app = FastAPI()
+    assert poolwatch.instrument(app) is app
+    poolwatch.instrument(app)
+    assert sum(m.cls is PoolwatchMiddleware for m in app.user_middleware) == 1
 
 
 @pytest.mark.parametrize(
@@ -234,7 +226,7 @@ async def _asgi_app(scope, receive, send):
     pass
 
 
-def test_registry_option_adds_poolwatch_series_to_the_apps_registry(monkeypatch):
+def test_registry_option_adds_poolwatch_series_to_the_apps_registry(clean_agent, monkeypatch):
     from prometheus_client import CollectorRegistry, generate_latest
 
     import poolwatch
@@ -242,14 +234,12 @@ def test_registry_option_adds_poolwatch_series_to_the_apps_registry(monkeypatch)
 
     monkeypatch.delenv("POOLWATCH_METRICS_PORT", raising=False)
     registry = CollectorRegistry()
-    try:
-        poolwatch.instrument(_asgi_app, registry=registry)
-        poolwatch.instrument(_asgi_app, registry=registry)  # again: registered once
-        agent.start()
-        assert agent.metrics_port is None  # the app's /metrics serves them: no second listener
-        text = generate_latest(registry).decode()
-        assert 'poolwatch_build_info{version="' in text
-        assert text.count("# TYPE poolwatch_build_info gauge") == 1
-    finally:
-        poolwatch.uninstrument()
+    poolwatch.instrument(_asgi_app, registry=registry)
+    poolwatch.instrument(_asgi_app, registry=registry)  # again: registered once
+    agent.start()
+    assert agent.metrics_port is None  # the app's /metrics serves them: no second listener
+    text = generate_latest(registry).decode()
+    assert 'poolwatch_build_info{version="' in text
+    assert text.count("# TYPE poolwatch_build_info gauge") == 1
+    poolwatch.uninstrument()  # takes poolwatch's collector out of the app's registry
     assert "poolwatch_build_info" not in generate_latest(registry).decode()

@@ -259,7 +259,9 @@ async def test_named_sessions_get_their_own_series(agent, upstreams):
     assert samples.value(OPEN, **idle, **{session: ""}) == 1
 
 
-async def test_sessions_made_before_instrument_are_found_and_everything_undone(upstreams):
+async def test_sessions_made_before_instrument_are_found_and_everything_undone(
+    clean_agent, upstreams
+):
     from aiohttp.client_proto import ResponseHandler
     from aiohttp.connector import BaseConnector
 
@@ -284,14 +286,12 @@ async def test_sessions_made_before_instrument_are_found_and_everything_undone(u
     )
     poolwatch.instrument(metrics_port=free_port())
     agent.start()
-    try:
-        await asyncio.gather(get(session, upstream.url()), get(session, upstream.url()))
-        samples = await asyncio.to_thread(metrics, agent)
-        assert samples.value(f"{WAIT}_count", **host(upstream.port)) == 1
-        assert samples.value(OPEN, **conns("idle", upstream.port)) == 1
-        assert session.trace_configs == user_traces  # the user's tracing is left alone
-    finally:
-        poolwatch.uninstrument()
+    await asyncio.gather(get(session, upstream.url()), get(session, upstream.url()))
+    samples = await asyncio.to_thread(metrics, agent)
+    assert samples.value(f"{WAIT}_count", **host(upstream.port)) == 1
+    assert samples.value(OPEN, **conns("idle", upstream.port)) == 1
+    assert session.trace_configs == user_traces  # the user's tracing is left alone
+    poolwatch.uninstrument()  # everything undone:
     assert session.trace_configs == user_traces
     assert not hasattr(session.connector, "_poolwatch_state")
     for (cls, name), original in originals.items():
@@ -351,13 +351,13 @@ async def test_hook_failures_reach_neither_the_request_nor_the_log(
 
 
 async def test_an_aiohttp_without_the_wait_method_loses_only_the_wait_series(
-    upstreams, monkeypatch
+    clean_agent, upstreams, monkeypatch
 ):
     from aiohttp.connector import BaseConnector
 
     import poolwatch
+    from poolwatch._log import errors
     from poolwatch.agent import agent
-    from poolwatch.log import errors
 
     # aiohttp < 3.10.11 waits for a connection inline in connect(): nothing to wrap. (This
     # aiohttp needs the method only when a request queues, which none does here.)
@@ -366,12 +366,9 @@ async def test_an_aiohttp_without_the_wait_method_loses_only_the_wait_series(
     before = errors.counts["aiohttp"]  # counted since the process began
     poolwatch.instrument(metrics_port=free_port())
     agent.start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            assert await get(session, upstream.url()) == OK
-            samples = await asyncio.to_thread(metrics, agent)
-    finally:
-        poolwatch.uninstrument()
+    async with aiohttp.ClientSession() as session:
+        assert await get(session, upstream.url()) == OK
+        samples = await asyncio.to_thread(metrics, agent)
     assert not samples.find(WAIT)
     assert samples.value(OPEN, **conns("idle", upstream.port)) == 1
     assert samples.value(AGENT_ERRORS, probe="aiohttp") == before + 1

@@ -105,7 +105,7 @@ async def serve(app) -> list[tuple[int, str]]:
 
 
 async def test_a_held_port_under_lifespan_manager_starts_serves_and_says_why_once(
-    postgres, monkeypatch, capsys
+    clean_agent, postgres, monkeypatch, capsys
 ):
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -116,25 +116,22 @@ async def test_a_held_port_under_lifespan_manager_starts_serves_and_says_why_onc
         registry = CollectorRegistry()  # how a test reads poolwatch's series without a listener
         app = create_app(instrumented=False, database_url=postgres.dsn())
         poolwatch.instrument(app, registry=registry)
-        try:
-            errors_before = registry.get_sample_value(
-                "poolwatch_agent_errors_total", {"probe": "exporter"}
-            )
-            first = await serve(app)
-            second = await serve(app)  # the next test's lifespan: counted, not logged again
-            errors_after = registry.get_sample_value(
-                "poolwatch_agent_errors_total", {"probe": "exporter"}
-            )
-            health = registry.get_sample_value(
-                "http_server_request_duration_seconds_count",
-                {
-                    "http_request_method": "GET",
-                    "http_route": "/health",
-                    "http_response_status_code": "200",
-                },
-            )
-        finally:
-            poolwatch.uninstrument()
+        errors_before = registry.get_sample_value(
+            "poolwatch_agent_errors_total", {"probe": "exporter"}
+        )
+        first = await serve(app)
+        second = await serve(app)  # the next test's lifespan: counted, not logged again
+        errors_after = registry.get_sample_value(
+            "poolwatch_agent_errors_total", {"probe": "exporter"}
+        )
+        health = registry.get_sample_value(
+            "http_server_request_duration_seconds_count",
+            {
+                "http_request_method": "GET",
+                "http_route": "/health",
+                "http_response_status_code": "200",
+            },
+        )
     assert first == second == expected
     assert errors_after - errors_before == 2
     assert health == 2
@@ -146,43 +143,72 @@ async def test_a_held_port_under_lifespan_manager_starts_serves_and_says_why_onc
     assert "Choose a free port, or set POOLWATCH_METRICS_PORT=0 to turn it off" in lines[0]
 
 
-async def test_metrics_port_zero_opens_nothing_and_says_nothing(postgres, monkeypatch, capsys):
+async def test_metrics_port_zero_opens_nothing_and_says_nothing(
+    clean_agent, postgres, monkeypatch, capsys
+):
     monkeypatch.setenv("POOLWATCH_METRICS_PORT", "0")
     app = create_app(instrumented=True, database_url=postgres.dsn())
-    try:
-        async with LifespanManager(app, startup_timeout=1):
-            assert agent.started and agent.metrics_url is None
-    finally:
-        poolwatch.uninstrument()
+    async with LifespanManager(app, startup_timeout=1):
+        assert agent.started and agent.metrics_url is None
     assert "[warning" not in capsys.readouterr().err
 
 
-async def test_reading_metrics_in_a_test_as_the_docs_show(postgres, monkeypatch, capsys):
+async def test_reading_metrics_with_poolwatch_testing_as_the_docs_show(
+    clean_agent, postgres, monkeypatch, capsys
+):
+    """docs/testing-your-app.md: no listener in tests; poolwatch.testing.snapshot() reads the
+    series as values."""
+    from poolwatch.testing import snapshot
+
+    monkeypatch.setenv("POOLWATCH_METRICS_PORT", "0")
+    app = create_app(instrumented=True, database_url=postgres.dsn())  # the factory's one-liner
+    pool = {"db_client_connection_pool_name": f"127.0.0.1:{postgres.port}/app"}
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            before = snapshot()
+            assert (await client.get("/health")).json() == {"ok": True}
+        now = snapshot()
+        assert now.value("db_client_connection_max", **pool) == 5
+        assert (
+            now.value("db_client_connection_count", **pool, db_client_connection_state="used") == 0
+        )
+        assert (
+            now.value("db_client_connection_count", **pool, db_client_connection_state="idle") == 2
+        )
+        ok = {"http_request_method": "GET", "http_route": "/health"}
+        assert before.get("http_server_request_duration_seconds_count", 0, **ok) == 0
+        assert now.value("http_server_request_duration_seconds_count", **ok) == 1
+        assert now.value("http_server_request_duration_seconds_bucket", le="+Inf", **ok) == 1
+    assert not snapshot().find("db_client_connection_max", **pool)  # closed: gone
+    assert "[warning" not in capsys.readouterr().err
+
+
+async def test_reading_metrics_in_a_test_as_the_docs_show(
+    clean_agent, postgres, monkeypatch, capsys
+):
     """docs/testing-your-app.md: no listener in tests; the series read through a registry."""
     monkeypatch.setenv("POOLWATCH_METRICS_PORT", "0")
     app = create_app(instrumented=True, database_url=postgres.dsn())  # the factory's one-liner
     registry = CollectorRegistry()
     poolwatch.instrument(registry=registry)  # the same process-wide agent, now read here too
     pool = {"db_client_connection_pool_name": f"127.0.0.1:{postgres.port}/app"}
-    try:
-        async with LifespanManager(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
-                assert (await client.get("/health")).json() == {"ok": True}
-            assert registry.get_sample_value("db_client_connection_max", pool) == 5
-            idle = registry.get_sample_value(
-                "db_client_connection_count", {**pool, "db_client_connection_state": "idle"}
-            )
-            assert idle == 2  # min_size=2, none in use
-            requests = registry.get_sample_value(
-                "http_server_request_duration_seconds_count",
-                {
-                    "http_request_method": "GET",
-                    "http_route": "/health",
-                    "http_response_status_code": "200",
-                },
-            )
-            assert requests == 1
-    finally:
-        poolwatch.uninstrument()
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            assert (await client.get("/health")).json() == {"ok": True}
+        assert registry.get_sample_value("db_client_connection_max", pool) == 5
+        idle = registry.get_sample_value(
+            "db_client_connection_count", {**pool, "db_client_connection_state": "idle"}
+        )
+        assert idle == 2  # min_size=2, none in use
+        requests = registry.get_sample_value(
+            "http_server_request_duration_seconds_count",
+            {
+                "http_request_method": "GET",
+                "http_route": "/health",
+                "http_response_status_code": "200",
+            },
+        )
+        assert requests == 1
     assert "[warning" not in capsys.readouterr().err

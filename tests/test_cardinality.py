@@ -18,8 +18,7 @@ import aiohttp
 import pytest
 
 import poolwatch
-from poolwatch.agent import agent as the_agent
-from poolwatch.metrics import LOOP_BLOCKS
+from poolwatch.testing import snapshot
 from tests.support.net import free_port, scrape
 from tests.test_http_server import APP, requests, series
 
@@ -56,7 +55,7 @@ async def test_1000_upstream_hosts_stay_under_the_host_cap(agent):
     assert "t0k-" not in text and "/x" not in text
 
 
-def test_1000_blocking_functions_stay_under_the_culprit_cap(tmp_path, monkeypatch):
+def test_1000_blocking_functions_stay_under_the_culprit_cap(clean_agent, tmp_path, monkeypatch):
     monkeypatch.setenv("POOLWATCH_LOOP_INTERVAL", "0.002")
     monkeypatch.setenv("POOLWATCH_BLOCK_THRESHOLD", "0.01")
     source = "import time\n" + "".join(
@@ -74,16 +73,14 @@ def test_1000_blocking_functions_stay_under_the_culprit_cap(tmp_path, monkeypatc
             getattr(module, f"blocker_{i}")()
             await asyncio.sleep(0.004)  # let the watchdog see the end of the block
         await asyncio.sleep(0.1)
-        for point in the_agent.registry.collect():
-            if point.metric is LOOP_BLOCKS:
-                culprits[point.attributes["culprit"]] = point.value
+        for sample in snapshot().find("asyncio_event_loop_blocks_total"):
+            culprits[sample.labels["culprit"]] = sample.value
         stop()
 
     try:
         started = time.monotonic()
         asyncio.run(main())
     finally:
-        poolwatch.uninstrument()
         sys.modules.pop("many_blockers", None)
     named = set(culprits) - SPECIAL_CULPRITS
     assert len(named) <= 20, len(named)  # POOLWATCH_MAX_CULPRITS default

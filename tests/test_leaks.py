@@ -100,7 +100,7 @@ async def test_leak_detection_off_by_default_logs_nothing(postgres, app_server):
 
 
 def count_checkout_captures(monkeypatch) -> list[int]:
-    from poolwatch import leaks
+    from poolwatch.probes import leaks
 
     calls = [0]
     original = leaks._checkout
@@ -132,31 +132,29 @@ def test_off_means_plain_dict_no_capture_no_thread(agent, tmp_path, monkeypatch)
     engine.dispose()
 
 
-def test_on_captures_each_checkout_and_checker_stops(tmp_path, monkeypatch):
+def test_on_captures_each_checkout_and_checker_stops(clean_agent, tmp_path, monkeypatch):
     import poolwatch
     from poolwatch.agent import agent
-    from poolwatch.leaks import HeldConnections
+    from poolwatch.probes.leaks import HeldConnections
     from poolwatch.probes.sqlalchemy import watch
 
     calls = count_checkout_captures(monkeypatch)
     poolwatch.instrument(metrics_port=free_port(), leak_threshold=0.2)
     agent.start()
-    try:
-        assert leak_threads() == ["poolwatch-leaks"]
-        engine = create_engine(f"sqlite:///{tmp_path}/on.db", pool_logging_name="on")
-        stats = watch(agent, engine)
-        assert isinstance(stats.held, HeldConnections)
-        for _ in range(20):
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        assert calls == [20]
-        assert stats.held == {} and stats.held.takers == {}  # nothing kept after returns
-        with engine.connect():
-            time.sleep(0.5)
-        samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
-        assert samples.value(LEAKS, db_client_connection_pool_name="on") == 1
-        assert stats.held.reported == {}
-        engine.dispose()
-    finally:
-        poolwatch.uninstrument()
+    assert leak_threads() == ["poolwatch-leaks"]
+    engine = create_engine(f"sqlite:///{tmp_path}/on.db", pool_logging_name="on")
+    stats = watch(agent, engine)
+    assert isinstance(stats.held, HeldConnections)
+    for _ in range(20):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    assert calls == [20]
+    assert stats.held == {} and stats.held.takers == {}  # nothing kept after returns
+    with engine.connect():
+        time.sleep(0.5)
+    samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    assert samples.value(LEAKS, db_client_connection_pool_name="on") == 1
+    assert stats.held.reported == {}
+    engine.dispose()
+    poolwatch.uninstrument()  # stops the checker
     assert leak_threads() == []

@@ -235,8 +235,8 @@ def test_unwritable_directory_with_strict_stops_start_up(tmp_path):
 
 
 def test_worker_id_taken_by_a_live_process(tmp_path):
+    from poolwatch._log import errors
     from poolwatch.agent import Agent, StartupError
-    from poolwatch.log import errors
 
     first, second, strict = Agent(), Agent(), Agent()
     options = {"multiproc_dir": str(tmp_path), "worker": "web-1", "metrics_port": 0}

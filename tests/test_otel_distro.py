@@ -326,7 +326,7 @@ def test_poolwatchs_own_provider_exports_over_grpc(app_server, postgres, variabl
 )
 def test_otlp_settings_accept_what_the_exporters_accept(environ, error):
     from poolwatch.config import ConfigError
-    from poolwatch.otel_env import check
+    from poolwatch.exporters._otel_env import check
 
     if error is None:
         check("METRICS", environ)
@@ -345,7 +345,7 @@ def _collected(reader) -> dict:
     }
 
 
-def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(tmp_path):
+def test_joining_a_provider_in_the_readers_temporality_and_leaving_it(clean_agent, tmp_path):
     from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
     from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
     from sqlalchemy import create_engine, text
@@ -425,10 +425,10 @@ def test_opentelemetrys_prometheus_reader_gets_poolwatchs_collector_not_its_poin
 def test_an_unknown_sdk_shape_degrades_with_one_warning(monkeypatch, capsys):
     from opentelemetry.sdk.metrics import MeterProvider
 
+    from poolwatch._log import errors
     from poolwatch.agent import Agent
     from poolwatch.config import load_settings
     from poolwatch.exporters import otlp
-    from poolwatch.log import errors
 
     provider = MeterProvider()
     monkeypatch.delattr(provider, "_measurement_consumer")
@@ -448,20 +448,17 @@ def test_an_unknown_sdk_shape_degrades_with_one_warning(monkeypatch, capsys):
         otlp.join(MeterProvider(), list)
 
 
-def test_a_missing_grpc_exporter_degrades_with_one_warning(monkeypatch, capsys):
+def test_a_missing_grpc_exporter_degrades_with_one_warning(clean_agent, monkeypatch, capsys):
     import poolwatch
+    from poolwatch._log import errors
     from poolwatch.agent import agent
-    from poolwatch.log import errors
 
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", None)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     before = errors.counts["otlp"]
     poolwatch.instrument(metrics_port=0, otlp=True)
-    try:
-        agent.start()  # serves on
-        assert agent.started
-    finally:
-        poolwatch.uninstrument()
+    agent.start()  # serves on
+    assert agent.started
     assert errors.counts["otlp"] == before + 1
     captured = capsys.readouterr()  # stdout too: the app may have configured structlog
     (line,) = [x for x in (captured.err + captured.out).splitlines() if "OTLP export" in x]
@@ -474,8 +471,8 @@ def test_what_counts_as_opentelemetry_already_serving_the_app():
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     from starlette.applications import Starlette
 
-    from poolwatch import tracing
-    from poolwatch.otel_env import otel_http_instrumentation as serving
+    from poolwatch.exporters import tracing
+    from poolwatch.exporters._otel_env import otel_http_instrumentation as serving
 
     async def raw(scope, receive, send):
         pass

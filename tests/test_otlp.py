@@ -325,7 +325,7 @@ def test_bad_otel_settings_stop_the_app_at_startup_naming_the_variable(app_serve
 )
 def test_when_otlp_export_is_on(otlp_option, environ, wanted):
     from poolwatch.config import load_settings
-    from poolwatch.otel_env import otlp_wanted
+    from poolwatch.exporters._otel_env import otlp_wanted
 
     assert otlp_wanted(load_settings({"otlp": otlp_option}, environ={}), environ) is wanted
 
@@ -343,12 +343,14 @@ def test_when_otlp_export_is_on(otlp_option, environ, wanted):
 )
 def test_when_tracing_mode_is_on(tracing_option, environ, wanted):
     from poolwatch.config import load_settings
-    from poolwatch.otel_env import tracing_wanted
+    from poolwatch.exporters._otel_env import tracing_wanted
 
     assert tracing_wanted(load_settings({"tracing": tracing_option}, environ={}), environ) is wanted
 
 
-async def test_instrument_otlp_option_exports_and_stop_sends_the_last_values(monkeypatch, tmp_path):
+async def test_instrument_otlp_option_exports_and_stop_sends_the_last_values(
+    clean_agent, monkeypatch, tmp_path
+):
     """In process: ``instrument(otlp=True)``; stopping the agent flushes without blocking."""
     from sqlalchemy import create_engine, text
 
@@ -359,18 +361,15 @@ async def test_instrument_otlp_option_exports_and_stop_sends_the_last_values(mon
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"{receiver.url}/v1/metrics")
         monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "60000")  # only the flush on stop
         poolwatch.instrument(metrics_port=0, otlp=True)
-        try:
-            agent.start()
-            engine = create_engine(f"sqlite:///{tmp_path}/o.db", pool_logging_name="in-proc")
-            for _ in range(3):
-                with engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-            started = time.monotonic()
-            agent.stop()
-            assert time.monotonic() - started < 0.5  # the last export runs on its own thread
-            export = await receiver.export_after(started)
-        finally:
-            poolwatch.uninstrument()
+        agent.start()
+        engine = create_engine(f"sqlite:///{tmp_path}/o.db", pool_logging_name="in-proc")
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        started = time.monotonic()
+        agent.stop()
+        assert time.monotonic() - started < 0.5  # the last export runs on its own thread
+        export = await receiver.export_after(started)
     wait = instruments(export)["db.client.connection.wait_time"][1].histogram.data_points
     (point,) = [
         p for p in wait if attributes(p.attributes) == {"db.client.connection.pool.name": "in-proc"}

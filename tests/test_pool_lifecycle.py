@@ -9,22 +9,25 @@ import pytest
 
 import poolwatch
 from poolwatch.agent import agent as the_agent
-from poolwatch.poolstats import POOL_NAME
+from poolwatch.testing import snapshot
+
+POOL = "db_client_connection_pool_name"
 
 
 @pytest.fixture
-def quiet_agent():
+def quiet_agent(clean_agent):
     """Instrumented in this process with no listener: nothing ever scrapes."""
     poolwatch.instrument(metrics_port=0)
-    yield the_agent
-    poolwatch.uninstrument()
+    return clean_agent
 
 
 def pool_names(probe: str) -> list[str]:
-    """The names of ``probe``'s pools in a scrape now (a scrape also drops what it finds gone)."""
-    exported = {p.attributes.get(POOL_NAME) for p in the_agent.registry.collect()}
-    sources = the_agent.registry.sources()
-    return sorted(s.name for s in sources if s.probe == probe and s.name in exported)
+    """The names of ``probe``'s pools in a scrape now (a scrape also drops what it finds gone):
+    SQLAlchemy's are those with invalidation counters."""
+    now = snapshot()
+    sqlalchemy = now.label_values("sqlalchemy_pool_invalidations_total", POOL)
+    pools = now.label_values("db_client_connection_max", POOL)
+    return sorted(sqlalchemy if probe == "sqlalchemy" else pools - sqlalchemy)
 
 
 def instances(type_name: str, module: str) -> int:
@@ -89,7 +92,7 @@ async def test_sqlalchemy_engine_names_are_freed_on_dispose_and_collection(postg
     kept.dispose()
 
 
-async def test_closed_pools_are_released_without_any_scrape(postgres):
+async def test_closed_pools_are_released_without_any_scrape(clean_agent, postgres):
     """Ten app start-ups (pool made, used, closed): as many pools alive as without poolwatch."""
     import asyncpg
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -109,10 +112,7 @@ async def test_closed_pools_are_released_without_any_scrape(postgres):
 
     without = await ten_start_ups()
     poolwatch.instrument(metrics_port=0)
-    try:
-        with_poolwatch = await ten_start_ups()
-    finally:
-        poolwatch.uninstrument()
+    with_poolwatch = await ten_start_ups()
     assert with_poolwatch == without == (0, 0)
 
 
@@ -128,7 +128,7 @@ async def test_closed_aiohttp_sessions_are_not_kept(quiet_agent):
     assert instances("TCPConnector", "aiohttp.connector") == 0
 
 
-async def test_an_engine_disposed_before_instrument_takes_no_name(postgres):
+async def test_an_engine_disposed_before_instrument_takes_no_name(clean_agent, postgres):
     """uninstrument() then instrument() again (between tests): the heap search finds the last
     test's engine, disposed of but not yet collected. It takes no name until it connects."""
     import asyncpg
@@ -140,12 +140,9 @@ async def test_an_engine_disposed_before_instrument_takes_no_name(postgres):
         pass
     await engine.dispose()
     poolwatch.instrument(metrics_port=0)
-    try:
-        pool = await asyncpg.create_pool(postgres.dsn(), min_size=1, max_size=2)
-        assert pool_names("asyncpg") == [base]
-        async with engine.connect():  # used again after all: now it is measured
-            assert pool_names("sqlalchemy") == [f"{base}#2"]
-        await pool.close()
-        await engine.dispose()
-    finally:
-        poolwatch.uninstrument()
+    pool = await asyncpg.create_pool(postgres.dsn(), min_size=1, max_size=2)
+    assert pool_names("asyncpg") == [base]
+    async with engine.connect():  # used again after all: now it is measured
+        assert pool_names("sqlalchemy") == [f"{base}#2"]
+    await pool.close()
+    await engine.dispose()

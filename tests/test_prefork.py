@@ -331,7 +331,7 @@ def test_uvicorn_reload_is_a_single_process(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-async def test_stopping_frees_the_port_without_blocking_the_loop():
+async def test_stopping_frees_the_port_without_blocking_the_loop(clean_agent):
     """The agent stopped inside a running loop (a lifespan shutdown): back in < 20 ms, the port
     free at once (an app built per test starts again on it)."""
     import poolwatch
@@ -340,16 +340,13 @@ async def test_stopping_frees_the_port_without_blocking_the_loop():
     port = free_port()
     poolwatch.instrument(metrics_port=port)
     took = []
-    try:
-        for _ in range(3):
-            agent.start()
-            assert agent.metrics_url == f"http://127.0.0.1:{port}/metrics"  # not degraded
-            assert "poolwatch_build_info" in await asyncio.to_thread(get, agent.metrics_url)
-            started = time.perf_counter()
-            agent.stop()
-            took.append(time.perf_counter() - started)
-    finally:
-        poolwatch.uninstrument()
+    for _ in range(3):
+        agent.start()
+        assert agent.metrics_url == f"http://127.0.0.1:{port}/metrics"  # not degraded
+        assert "poolwatch_build_info" in await asyncio.to_thread(get, agent.metrics_url)
+        started = time.perf_counter()
+        agent.stop()
+        took.append(time.perf_counter() - started)
     print(f"agent.stop() on the loop: {[round(t * 1e3, 2) for t in took]} ms")
     assert max(took) < 0.02, took
 

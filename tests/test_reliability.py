@@ -175,7 +175,7 @@ def test_any_setting_value_parses_or_fails_with_one_clear_line(name, value):
         assert message.startswith(f"{spec.env}={value!r} is invalid: expected {spec.allowed}")
 
 
-def test_metrics_token_is_required_when_set(tmp_path):
+def test_metrics_token_is_required_when_set(clean_agent, tmp_path):
     import poolwatch
     from poolwatch.agent import agent
     from tests.support.net import free_port
@@ -183,21 +183,18 @@ def test_metrics_token_is_required_when_set(tmp_path):
     poolwatch.instrument(metrics_port=free_port(), metrics_token=planted.METRICS_TOKEN)
     agent.start()
     url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
-    try:
-        for headers in (
-            {},
-            {"Authorization": "Bearer wrong"},
-            {"Authorization": planted.METRICS_TOKEN},
-        ):
-            with pytest.raises(urllib.error.HTTPError) as denied:
-                get(url, headers=headers)
-            assert denied.value.code == 401
-            assert b"poolwatch" not in denied.value.read()
-        ok = scrape(url, headers={"Authorization": f"Bearer {planted.METRICS_TOKEN}"})
-        assert ok.find("poolwatch_build_info")
-        assert planted.METRICS_TOKEN not in repr(agent.settings)
-    finally:
-        poolwatch.uninstrument()
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": planted.METRICS_TOKEN},
+    ):
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            get(url, headers=headers)
+        assert denied.value.code == 401
+        assert b"poolwatch" not in denied.value.read()
+    ok = scrape(url, headers={"Authorization": f"Bearer {planted.METRICS_TOKEN}"})
+    assert ok.find("poolwatch_build_info")
+    assert planted.METRICS_TOKEN not in repr(agent.settings)
 
 
 def test_listener_binds_loopback_by_default():

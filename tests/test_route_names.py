@@ -87,7 +87,7 @@ def test_loop_block_lines_name_the_route_template(app_server):
     assert "/block/0.3" not in line  # the template, never the raw path
 
 
-async def test_apps_built_per_test_are_named_and_freed():
+async def test_apps_built_per_test_are_named_and_freed(clean_agent):
     """A test suite that builds an app per test and drives it in-process (asgi-lifespan and
     httpx): each app's routes are named, and each app is freed with its router."""
     import gc
@@ -96,8 +96,7 @@ async def test_apps_built_per_test_are_named_and_freed():
     from fastapi import FastAPI
 
     import poolwatch
-    from poolwatch.agent import agent
-    from poolwatch.probes.http_server import ROUTE
+    from poolwatch.testing import snapshot
 
     async def plain(request):
         return PlainTextResponse("plain")
@@ -112,21 +111,18 @@ async def test_apps_built_per_test_are_named_and_freed():
         api.add_route("/plain", plain)
         return poolwatch.instrument(api, metrics_port=0)
 
-    try:
-        for _ in range(10):
-            app = make_app()
-            async with LifespanManager(app):
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
-                    for path in ("/users/1", "/openapi.json", "/plain"):
-                        assert (await c.get(path)).status_code == 200
-        counts = {}
-        for point in agent.registry.collect():
-            if ROUTE in point.attributes:
-                counts[point.attributes[ROUTE]] = point.value.count
-        assert counts == {"/users/{user_id}": 10, "/openapi.json": 10, "/plain": 10}
-    finally:
-        poolwatch.uninstrument()
+    for _ in range(10):
+        app = make_app()
+        async with LifespanManager(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+                for path in ("/users/1", "/openapi.json", "/plain"):
+                    assert (await c.get(path)).status_code == 200
+    counts = {
+        s.labels["http_route"]: s.value
+        for s in snapshot().find("http_server_request_duration_seconds_count")
+    }
+    assert counts == {"/users/{user_id}": 10, "/openapi.json": 10, "/plain": 10}
     del app, transport, c
     gc.collect()
     assert sum(isinstance(o, FastAPI) for o in gc.get_objects()) == 0

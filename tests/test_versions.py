@@ -16,14 +16,15 @@ import structlog
 from packaging.requirements import Requirement
 
 import poolwatch
-from poolwatch import versions
-from poolwatch.agent import PROBE_MODULES, StartupError, agent
-from poolwatch.metrics import AGENT_ERRORS
+from poolwatch import probes
+from poolwatch.agent import StartupError, agent
+from poolwatch.testing import snapshot
 from tests.support.apps import REPO
 
 LIBRARIES = ("sqlalchemy", "asyncpg", "aiohttp")
+POOL = "db_client_connection_pool_name"
 INSIDE = {  # the installed releases: all inside here, none under scripts/test-old-libraries
-    lib: versions.within(importlib.metadata.version(lib), versions.SUPPORTED[lib])
+    lib: probes.within(importlib.metadata.version(lib), probes.PROBES[lib].supported)
     for lib in LIBRARIES
 }
 all_inside = pytest.mark.skipif(
@@ -31,25 +32,13 @@ all_inside = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def clean_agent():
-    """The agent uninstrumented before and after; the error counts (process-wide, and other
-    tests assert them) are put back as they were."""
-    from poolwatch.log import errors
-
-    counts, logged = errors.counts.copy(), set(errors._logged)
-    poolwatch.uninstrument()
-    yield agent
-    poolwatch.uninstrument()
-    errors.counts, errors._logged = counts, logged
-
-
 def errors_of(probe: str) -> float:
-    return next(
-        p.value
-        for p in agent.registry.collect()
-        if p.metric is AGENT_ERRORS and p.attributes == {"probe": probe}
-    )
+    return snapshot().value("poolwatch_agent_errors_total", probe=probe)
+
+
+def sqlalchemy_pools() -> set[str]:
+    """The names of the SQLAlchemy pools poolwatch exports now."""
+    return snapshot().label_values("sqlalchemy_pool_invalidations_total", POOL)
 
 
 def test_the_ranges_are_those_of_pyproject_extras():
@@ -58,7 +47,7 @@ def test_the_ranges_are_those_of_pyproject_extras():
     for library in LIBRARIES:
         declared = {Requirement(r) for r in extras[library]}
         assert {(r.name.lower(), str(r.specifier)) for r in declared} == {
-            (library, str(Requirement(f"{library}{versions.SUPPORTED[library]}").specifier))
+            (library, str(Requirement(f"{library}{probes.PROBES[library].supported}").specifier))
         }
 
 
@@ -78,7 +67,7 @@ def test_the_ranges_are_those_of_pyproject_extras():
     ],
 )
 def test_version_ranges(version, spec, inside):
-    assert versions.within(version, spec) is inside
+    assert probes.within(version, spec) is inside
 
 
 def test_installed_releases_decide_which_probes_load(clean_agent):
@@ -99,7 +88,7 @@ def test_installed_releases_decide_which_probes_load(clean_agent):
         if not inside[lib]:
             found = importlib.metadata.version(lib)
             assert f"{lib} {found} is installed" in lines[0]["event"]
-            assert f"supports {lib}{versions.SUPPORTED[lib]} only" in lines[0]["event"]
+            assert f"supports {lib}{probes.PROBES[lib].supported} only" in lines[0]["event"]
             assert errors_of(lib) >= 1
     if not inside["sqlalchemy"]:
         assert vars(Engine)["__init__"] is original_init  # nothing of the library is touched
@@ -126,7 +115,7 @@ def test_a_release_outside_the_range_leaves_its_probe_off(clean_agent, monkeypat
             pass
     assert agent.probe("sqlalchemy") is None
     assert vars(Engine)["__init__"] is original_init
-    assert not [p for p in agent.registry.collect() if "orders" in p.attributes.values()]
+    assert not [s for s in snapshot().samples if "orders" in s.labels.values()]
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert [e["event"] for e in warnings] == [
         "poolwatch: the sqlalchemy probe is off: sqlalchemy 1.4.31 is installed, the probe "
@@ -162,19 +151,33 @@ def test_one_heap_walk_for_twenty_instrument_calls(clean_agent, monkeypatch, tmp
         poolwatch.instrument(metrics_port=0)
         engines.append(create_engine(f"sqlite:///{tmp_path}/db{n}.db"))  # the creation hook
     assert len(walks) == 1
-    names = {s.name for s in agent.registry.sources() if s.probe == "sqlalchemy"}
+    names = sqlalchemy_pools()
     assert names >= {"early.db"} | {f"db{n}.db" for n in range(20)}  # earlier tests' engines too
     poolwatch.uninstrument()
     poolwatch.instrument(metrics_port=0)  # a fresh start searches again
     assert len(walks) == 2
-    assert "early.db" in {getattr(s, "name", None) for s in agent.registry.sources()}
+    assert "early.db" in sqlalchemy_pools()
     early.dispose()
 
 
-def test_every_probe_with_objects_declares_what_the_walk_finds():
+def test_every_probe_follows_the_contract():
+    """probes/__init__.py: every registered module defines the contract's names, and the probes
+    of a library declare the class whose instances the heap walk adopts."""
     import importlib
+    import inspect
 
-    for name, (library, module_name) in PROBE_MODULES.items():
+    for name, (library, _) in probes.PROBES.items():
+        module = importlib.import_module(f"poolwatch.probes.{name}")
+        assert isinstance(module.PROBE, str), name
+        for function, parameters in (
+            ("install", ["agent", "hooks"]),
+            ("existing", ["agent", "obj"]),
+            ("watch", ["agent", "obj", "name"]),
+            ("start", ["agent"]),
+        ):
+            found = list(inspect.signature(getattr(module, function)).parameters)
+            assert len(found) == len(parameters), (name, function, found)
         if library in LIBRARIES:
-            module = importlib.import_module(module_name)
-            assert isinstance(module.WATCHES, type) and callable(module.watch_existing), name
+            assert isinstance(module.WATCHES, type), name
+        else:
+            assert module.WATCHES is None, name

@@ -4,8 +4,7 @@ from poolwatch import instrument
 app = instrument(app)
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .agent import (
     instrument,
     uninstrument,

@@ -1,22 +1,32 @@
-"""ASGI middleware: starts and stops the agent with the app's lifespan; records HTTP metrics."""
+"""ASGI middleware: starts and stops the agent with the app's lifespan; records HTTP metrics.
+
+It is handed the agent it serves, as Starlette middlewares are handed their settings::
+
+    app.add_middleware(PoolwatchMiddleware, agent=poolwatch.agent.agent)
+
+(``instrument(app)`` does exactly that.) Per request it reads that agent's state only: whether
+it started, whether leak detection wants the request's scope, and the HTTP server probe's
+recorder (``agent.http_server``, None when those metrics are off or stepped aside).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .agent import StartupError, agent
-from .context import request_scope
-from .log import errors, logger
-from .probes import http_server
+from ._agent import Agent, StartupError
+from ._log import errors, logger
+from .context import request_scope, serving_codes
 
 Scope = dict[str, Any]
 
 
 class PoolwatchMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, agent: Agent) -> None:
         self.app = app
+        self.agent = agent
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        agent = self.agent
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
             return
@@ -31,16 +41,17 @@ class PoolwatchMiddleware:
         settings = agent.settings
         token = request_scope.set(scope) if settings and settings.leak_threshold else None
         try:
-            if scope["type"] == "http" and (stats := http_server.stats) is not None:
-                await stats.serve(self.app, scope, receive, send)  # HTTP server metrics
+            if scope["type"] == "http" and (recorder := agent.http_server) is not None:
+                await recorder.serve(self.app, scope, receive, send)  # HTTP server metrics
             else:
                 await self.app(scope, receive, send)
         finally:
             if token is not None:
                 request_scope.reset(token)
 
-    @staticmethod
-    def _lifespan_send(send: Any) -> Any:
+    def _lifespan_send(self, send: Any) -> Any:
+        agent = self.agent
+
         async def lifespan_send(message: dict[str, Any]) -> None:
             kind = message["type"]
             if kind == "lifespan.startup.complete" and agent.settings is not None:
@@ -55,3 +66,7 @@ class PoolwatchMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+# its frame on a blocked loop's stack names the request (the loop probe's block lines)
+serving_codes.add(PoolwatchMiddleware.__call__.__code__)

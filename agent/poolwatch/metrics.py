@@ -1,15 +1,13 @@
-"""The metric contract (DESIGN §3) and the cheap histogram used on hot paths.
+"""The metric contract: every series poolwatch exports, described once.
 
 Each :class:`Metric` is described once, by its OpenTelemetry name, kind and unit; the Prometheus
 name is derived with the OTel->Prometheus translation rules so both exporters agree by
-construction. Probes record into plain Python state; exporters read it at collect time.
+construction. Probes record into plain Python state (``_histogram.Histogram`` on hot paths);
+exporters read it at collect time as :class:`Point` values.
 """
 
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,7 +52,7 @@ class HistogramValue(NamedTuple):
     total: float  # sum of observed values
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # shadows tuple.count: unused here
         return sum(self.counts)
 
 
@@ -62,47 +60,6 @@ class Point(NamedTuple):
     metric: Metric
     attributes: dict[str, str]
     value: float | HistogramValue
-
-
-FOLD_AT = 1024  # values a Histogram buffers before folding them into its buckets
-
-
-class Histogram:
-    """Fixed-bucket histogram whose ``observe`` is one lock-free ``deque.append`` (~40 ns).
-
-    Hand-written because the per-checkout budget (DESIGN §2) has no room for prometheus_client's
-    ``observe`` (~0.7 µs) or a lock (~0.15 µs). ``deque.append``/``popleft`` are atomic, so
-    writers on any thread never lose a value; the values are folded into buckets when read, or
-    every ``FOLD_AT`` values so that memory stays bounded when nobody reads.
-    """
-
-    __slots__ = ("_counts", "_lock", "_sum", "new")
-
-    def __init__(self) -> None:
-        self._counts = [0] * (len(BUCKETS) + 1)
-        self._sum = 0.0
-        self.new: deque[float] = deque()  # hottest paths inline observe() as new.append + check
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        new = self.new
-        new.append(value)
-        if len(new) >= FOLD_AT:
-            self.fold()
-
-    def fold(self) -> None:
-        with self._lock:
-            new, counts, total = self.new, self._counts, 0.0
-            for _ in range(len(new)):  # values appended meanwhile wait for the next fold
-                value = new.popleft()
-                counts[bisect_left(BUCKETS, value)] += 1
-                total += value
-            self._sum += total
-
-    def value(self) -> HistogramValue:
-        self.fold()
-        with self._lock:
-            return HistogramValue(tuple(self._counts), self._sum)
 
 
 def _m(name: str, kind: str, unit: str, description: str) -> Metric:
@@ -228,6 +185,12 @@ AIOHTTP_ERRORS = _m(
 )
 
 # --- HTTP server ---
+# semconv: known http.request.method values are kept, any other is "_OTHER" (a scanner's method
+# is no label)
+HTTP_METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+)
+HTTP_OTHER_METHOD = "_OTHER"
 HTTP_SERVER_DURATION = _m(
     "http.server.request.duration", HISTOGRAM, "s", "Duration of HTTP server requests."
 )

@@ -53,10 +53,10 @@ def run(args: Any) -> int:
     import structlog
     from prometheus_client import CollectorRegistry
 
+    from .._log import logger
     from ..config import load_settings
     from ..exporters.multiproc import STALE_AFTER, WorkersCollector
     from ..exporters.prometheus import MetricsServer, PoolwatchCollector, metrics_app
-    from ..log import logger
     from ._common import UsageError
 
     _configure_logging(structlog)
@@ -89,7 +89,7 @@ def run(args: Any) -> int:
     if dsn:
         # Moves to poolwatch.exporters.postgres with the runtime's reorganisation: import it
         # from there once that lands.
-        from ..postgres_server import InvalidDsn, PostgresView
+        from ..exporters.postgres import InvalidDsn, PostgresView
 
         try:
             view = PostgresView(dsn, args.postgres_timeout)

@@ -24,7 +24,7 @@ from urllib.parse import quote
 from prometheus_client.core import Metric as PromFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..log import errors, logger
+from .._log import errors, logger
 from ..metrics import EXPORTER_WORKERS, Point
 from .prometheus import families
 

@@ -63,8 +63,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from .. import __version__
-from ..log import errors
+from .._log import errors
+from .._types import Undo
+from .._version import __version__
 from ..metrics import (
     BUCKETS,
     BUILD_INFO,
@@ -75,8 +76,7 @@ from ..metrics import (
     HistogramValue,
     Point,
 )
-from ..otel_env import export_timeout, protocol
-from ..patching import Undo
+from ._otel_env import export_timeout, protocol
 
 PROBE = "otlp"
 SCOPE = "poolwatch"
@@ -145,8 +145,8 @@ class Points:
                     sum=value.total,
                     bucket_counts=list(value.counts),
                     explicit_bounds=list(BUCKETS),
-                    min=None,  # not tracked: the hot path only appends values
-                    max=None,
+                    min=None,  # type: ignore[arg-type]  # not tracked: the hot path only appends
+                    max=None,  # type: ignore[arg-type]  # (the SDK's own exporters accept None)
                 )
             else:
                 data_point = NumberDataPoint(attributes, start, now, value)
@@ -281,7 +281,9 @@ class Joined:
         original = reader._receive_metrics
         lock = threading.Lock()  # a force_flush() may collect beside the reader's own thread
 
-        def receive_metrics(metrics_data: MetricsData, timeout_millis: float = 10_000, **kw: Any):
+        def receive_metrics(
+            metrics_data: MetricsData, timeout_millis: float = 10_000, **kw: Any
+        ) -> Any:
             try:
                 ours = None
                 if points is not None:
@@ -306,7 +308,7 @@ class Joined:
             return
         original = exporter.export
 
-        def export(metrics_data: MetricsData, timeout_millis: float = 10_000, **kw: Any):
+        def export(metrics_data: MetricsData, timeout_millis: float = 10_000, **kw: Any) -> Any:
             try:
                 result = original(metrics_data, timeout_millis=timeout_millis, **kw)
             except Exception as exc:
@@ -351,9 +353,13 @@ def exporter() -> Any:
     when its package is missing)."""
     if protocol("METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter()
+
+        return OTLPMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpExporter,
+    )
+
+    return HttpExporter()
 
 
 def start(collect: Callable[[], Iterable[Point]]) -> Callable[[], None]:

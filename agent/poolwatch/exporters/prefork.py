@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ..log import errors, logger
+from .._log import errors, logger
 from .multiproc import (
     STALE_AFTER,
     Publisher,
@@ -48,7 +48,7 @@ LINGER = 3.0  # seconds a stopped hypercorn worker waits for the others to stop
 
 # (module, function) of each server's worker entry point: in a worker it stays on the main
 # thread's stack for the worker's whole life, under the event loop that runs the app.
-_WORKER_ENTRIES = {
+_WORKER_ENTRIES: dict[tuple[str | None, str], str] = {
     ("uvicorn._subprocess", "subprocess_started"): "uvicorn",  # spawned by uvicorn --workers
     ("gunicorn.arbiter", "spawn_worker"): "gunicorn",  # forked by the arbiter
     ("hypercorn.asyncio.run", "asyncio_worker"): "hypercorn",
@@ -65,7 +65,7 @@ def prefork_parent() -> tuple[str, int] | None:
     point, so their apps stay single processes. uvicorn's ``--reload`` child is not either: the
     reloader runs one process at a time.
     """
-    frame = sys._current_frames().get(threading.main_thread().ident)
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
     while frame is not None:
         server = _WORKER_ENTRIES.get((frame.f_globals.get("__name__"), frame.f_code.co_name))
         if server is not None:
@@ -256,7 +256,7 @@ class SharedTarget(Publisher):
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)  # at once, unless in the middle of a publish
-        if self.server is not None:
+        if self.server is not None and self._serving_fd is not None:
             self.server.stop()
             release_lock(self._serving_fd, self._serving_path)  # another worker takes over
         super().stop()  # own files and lock

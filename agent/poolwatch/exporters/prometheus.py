@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 from .. import metrics
 from ..metrics import BUCKETS, COUNTER, HISTOGRAM, HistogramValue, Metric, Point, prom_label
 
-_LE = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]
+_LE = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
 # What an agent's registry can hold: the contract less the sidecar's own (`poolwatch exporter`)
 AGENT_METRICS = [
     m
@@ -44,7 +44,7 @@ def families(
 ) -> list[PromFamily]:
     """Group points into prometheus_client metric families (one per metric)."""
     extra = extra_labels or {}
-    out: dict[str, PromFamily] = {}
+    out: dict[str, Any] = {}  # Counter/Gauge/HistogramMetricFamily: each has add_metric
     for metric, attributes, value in points:
         labels = {prom_label(k): v for k, v in attributes.items()} | extra
         family = out.get(metric.name)
@@ -125,7 +125,8 @@ def metrics_app(
         if path != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"poolwatch: metrics are at /metrics\n"]
-        return metrics(environ, start_response)
+        exposition: Iterable[bytes] = metrics(environ, start_response)
+        return exposition
 
     return app
 
@@ -139,9 +140,9 @@ class MetricsServer:
     """
 
     def __init__(self, app: Any, addr: str, port: int) -> None:
-        server_class = _ThreadingWSGIServer
+        server_class: type[_ThreadingWSGIServer] = _ThreadingWSGIServer
         if ":" in addr:
-            server_class = type(
+            server_class = type(  # a subclass, made here
                 "_Server6", (_ThreadingWSGIServer,), {"address_family": socket.AF_INET6}
             )
         self._server = make_server(

@@ -23,14 +23,18 @@ import threading
 import weakref
 from collections import Counter
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector
 
+from .._histogram import Histogram
+from .._log import errors
+from .._patching import subclasses, watch_new_instances
+from .._types import Hooks, Stop
+from .._types import Host as Agent
 from ..config import Settings
-from ..log import errors
 from ..metrics import (
     AIOHTTP_ERRORS,
     AIOHTTP_LIMIT,
@@ -38,13 +42,8 @@ from ..metrics import (
     AIOHTTP_WAIT_TIME,
     HTTP_CLIENT_DURATION,
     HTTP_CLIENT_OPEN,
-    Histogram,
     Point,
 )
-from ..patching import Undo, subclasses, watch_new_instances, wrap_method
-
-if TYPE_CHECKING:
-    from ..agent import Agent
 
 PROBE = "aiohttp"
 STATE_ATTR = "_poolwatch_state"  # on watched connectors
@@ -98,7 +97,7 @@ class _ConnectorState:
 # unlike iterating a WeakKeyDictionary from the exporter thread.
 _lock = threading.Lock()
 _agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a new host shows up
-_hosts: dict[tuple[str, int | None], Host] = {}
+_hosts: dict[tuple[str | None, int | None], Host] = {}
 _events: dict[tuple[str | None, Host], _Events] = {}
 _connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
 _open: weakref.WeakKeyDictionary[ResponseHandler, _Open] = weakref.WeakKeyDictionary()
@@ -206,7 +205,7 @@ def _make_create_connection(original: Any) -> Any:
 
 
 def _make_connection_lost(original: Any) -> Any:
-    def connection_lost(self: ResponseHandler, exc: BaseException | None) -> None:
+    def connection_lost(self: ResponseHandler, exc: BaseException | None) -> Any:
         try:
             opened = _open.pop(self, None)
             if opened is not None and opened.since is not None:
@@ -218,25 +217,27 @@ def _make_connection_lost(original: Any) -> Any:
     return connection_lost
 
 
-def install(agent: Agent) -> list[Undo]:
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+def install(agent: Agent, hooks: Hooks) -> None:
     global _agent
     _reset()
     _agent = agent
-    undos = [
-        wrap_method(aiohttp.ClientSession, "__init__", watch_new_instances(agent, PROBE, watch)),
-        wrap_method(aiohttp.ClientSession, "_request", _make_request),
-        wrap_method(ResponseHandler, "connection_lost", _make_connection_lost),
-    ]
-    if hasattr(BaseConnector, WAIT_METHOD):
-        undos.append(wrap_method(BaseConnector, WAIT_METHOD, _make_wait))
-    else:  # aiohttp < 3.10.11 waits inline in connect(): nothing to time without a TraceConfig
-        _unreadable("wait_time", AttributeError(f"BaseConnector has no {WAIT_METHOD}"))
-    for cls in subclasses(BaseConnector):
-        if "_create_connection" in vars(cls) and cls is not BaseConnector:
-            undos.append(wrap_method(cls, "_create_connection", _make_create_connection))
+    hooks.on_undo(_detach_all)
+    session = aiohttp.ClientSession
+    hooks.wrap(session, "_request", _make_request, "async (self, method, str_or_url, ...)")
+    hooks.wrap(ResponseHandler, "connection_lost", _make_connection_lost, "(self, exc)")
+    if not hooks.feature(BaseConnector, WAIT_METHOD, _make_wait, "async (self, key, ...)"):
+        _failed.add("wait_time")  # its series is left out
+    make, params = _make_create_connection, "async (self, req, ...)"
+    hooks.require(BaseConnector, "_create_connection", params)
+    for cls in subclasses(BaseConnector)[1:]:  # TCPConnector, UnixConnector...
+        hooks.wrap(cls, "_create_connection", make, params, override=True)
+    hooks.wrap(session, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
     agent.registry.add(_SOURCE)
-    undos.append(_detach_all)
-    return undos
+
+
+def start(agent: Agent) -> Stop | None:
+    return None
 
 
 def _reset() -> None:
@@ -262,7 +263,7 @@ def _detach_all() -> None:
 WATCHES = aiohttp.ClientSession  # sessions made before instrument(): the agent's one heap walk
 
 
-def watch_existing(agent: Agent, session: aiohttp.ClientSession) -> None:
+def existing(agent: Agent, session: aiohttp.ClientSession) -> None:
     if not session.closed:
         watch(agent, session)
 
@@ -277,10 +278,11 @@ def watch(agent: Agent, session: aiohttp.ClientSession, name: str | None = None)
         state = _ConnectorState(name)
         setattr(connector, STATE_ATTR, state)
         ckey = id(connector)
-        _connectors[ckey] = (
-            weakref.ref(connector, lambda _, ckey=ckey: _connectors.pop(ckey, None)),
-            state,
-        )
+
+        def gone(_: object) -> None:
+            _connectors.pop(ckey, None)
+
+        _connectors[ckey] = (weakref.ref(connector, gone), state)
     elif name:
         state.name = name
 
@@ -369,21 +371,21 @@ class _Source:
         events = list(_events.items())
         named = any(name for name in reading.limits) or any(name for (name, _), _ in events)
 
-        def labels(name: str | None, host: Host | None = None, **more: str) -> dict[str, str]:
+        def labels(
+            name: str | None, host: Host | None = None, more: dict[str, str] | None = None
+        ) -> dict[str, str]:
             out = {ADDRESS: host[0], PORT: host[1]} if host else {}
             if named:  # empty for unnamed sessions: the same series as without the label
                 out[SESSION] = name or ""
-            return {**out, **more}
+            return {**out, **(more or {})}
 
         points: list[Point] = []
-        for (name, host, scheme, state), count in sorted(reading.open.items(), key=_order):
-            feature = "active" if state == "active" else "idle"
+        for (name, host, scheme, conn), count in sorted(reading.open.items(), key=_order):
+            feature = "active" if conn == "active" else "idle"
             if (name, feature) not in reading.missing:
                 points.append(
                     Point(
-                        HTTP_CLIENT_OPEN,
-                        labels(name, host, **{SCHEME: scheme, STATE: state}),
-                        count,
+                        HTTP_CLIENT_OPEN, labels(name, host, {SCHEME: scheme, STATE: conn}), count
                     )
                 )
         for (name, host), count in sorted(reading.pending.items(), key=_order):
@@ -392,7 +394,7 @@ class _Source:
         for name, limits in sorted(reading.limits.items(), key=_order):
             for scope, value in limits.items():
                 if value is not None:
-                    points.append(Point(AIOHTTP_LIMIT, labels(name, **{SCOPE: scope}), value))
+                    points.append(Point(AIOHTTP_LIMIT, labels(name, None, {SCOPE: scope}), value))
         for (name, host), ev in sorted(events, key=_order):
             if "wait_time" not in _failed:
                 points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
@@ -401,7 +403,7 @@ class _Source:
                 counts = sorted(ev.errors.items())
             for error_type, count in counts:
                 points.append(
-                    Point(AIOHTTP_ERRORS, labels(name, host, **{ERROR_TYPE: error_type}), count)
+                    Point(AIOHTTP_ERRORS, labels(name, host, {ERROR_TYPE: error_type}), count)
                 )
         return points
 

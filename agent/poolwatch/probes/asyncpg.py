@@ -9,21 +9,20 @@ next pool made with the same DSN gets it again) and drops the last reference poo
 from __future__ import annotations
 
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from asyncpg.pool import Pool
 
-from ..leaks import enabled as leak_detection
-from ..log import errors
-from ..patching import Undo, watch_new_instances, wrap_method
-from ..poolstats import PoolGauges, PoolStats, default_pool_name
-
-if TYPE_CHECKING:
-    from ..agent import Agent
+from .._log import errors
+from .._patching import watch_new_instances
+from .._types import Hooks, Host, Stop
+from ._pool_stats import PoolGauges, PoolStats, default_pool_name
+from .leaks import enabled as leak_detection
 
 PROBE = "asyncpg"
 _stats: dict[int, PoolStats] = {}  # id(pool) -> stats, while the pool is open
+_times_creates = True  # Pool._get_new_connection could be wrapped
 
 
 def _make_acquire(original: Any) -> Any:
@@ -116,26 +115,31 @@ def _make_terminate(original: Any) -> Any:
     return terminate
 
 
-def install(agent: Agent) -> list[Undo]:
-    undos = [
-        wrap_method(Pool, "__init__", watch_new_instances(agent, PROBE, watch)),
-        wrap_method(Pool, "_acquire", _make_acquire),
-        wrap_method(Pool, "release", _make_release),
-        wrap_method(Pool, "close", _make_close),
-        wrap_method(Pool, "terminate", _make_terminate),
-    ]
-    if hasattr(Pool, "_get_new_connection"):  # private: create_time is left out without it
-        undos.append(wrap_method(Pool, "_get_new_connection", _make_new_connection))
-    undos.append(_stats.clear)
-    return undos
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+def install(agent: Host, hooks: Hooks) -> None:
+    hooks.on_undo(_stats.clear)
+    hooks.wrap(Pool, "_acquire", _make_acquire, "async (self, timeout)")
+    hooks.wrap(Pool, "release", _make_release, "async (self, connection, *, timeout)")
+    hooks.wrap(Pool, "close", _make_close, "async (self)")
+    hooks.wrap(Pool, "terminate", _make_terminate, "(self)")
+    # private, and create_time alone needs it: the probe runs on without it
+    global _times_creates
+    _times_creates = hooks.feature(
+        Pool, "_get_new_connection", _make_new_connection, "async (self)"
+    )
+    hooks.wrap(Pool, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
 
 
 WATCHES = Pool  # pools made before instrument() are found by the agent's one heap walk
 
 
-def watch_existing(agent: Agent, pool: Pool) -> None:
+def existing(agent: Host, pool: Pool) -> None:
     if not pool.is_closing():
         watch(agent, pool)
+
+
+def start(agent: Host) -> Stop | None:
+    return None
 
 
 def pool_name(pool: Pool) -> str:
@@ -171,14 +175,18 @@ def _gauges(pool: Pool) -> PoolGauges | None:
     )
 
 
-def watch(agent: Agent, pool: Pool, name: str | None = None) -> PoolStats:
+def watch(agent: Host, pool: Pool, name: str | None = None) -> PoolStats:
     stats = _stats.get(id(pool))
     if stats is not None:
         if name and name != stats.wanted:
             stats.rename(name)
         return stats
     stats = PoolStats(
-        PROBE, name or pool_name(pool), lambda: _gauges(pool), track_leaks=leak_detection(agent)
+        PROBE,
+        name or pool_name(pool),
+        lambda: _gauges(pool),
+        track_leaks=leak_detection(agent),
+        times_creates=_times_creates,
     )
     _stats[id(pool)] = stats
     stats.attach(agent.registry)

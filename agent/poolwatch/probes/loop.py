@@ -4,8 +4,9 @@ A timer callback (the *tick*), re-armed every ``POOLWATCH_LOOP_INTERVAL``, measu
 loop runs it: the lag. A watchdog thread notices when the pending tick is overdue by
 ``POOLWATCH_BLOCK_THRESHOLD``, samples the loop thread's stack (``sys._current_frames()``) while
 the block is still on, and once the tick finally runs it counts the block under the innermost
-application frame (:func:`code_kind`) and logs one warning. The app's own path pays one timer
-callback per interval; the sampling, counting and logging happen on the watchdog's thread.
+application frame (the culprit rule, ``_culprit.py``) and logs one warning. The app's own path
+pays one timer callback per interval; the sampling, counting and logging happen on the
+watchdog's thread.
 """
 
 from __future__ import annotations
@@ -15,23 +16,20 @@ import contextlib
 import contextvars
 import os
 import sys
-import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from time import perf_counter
 from types import FrameType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple
 
+from .._histogram import FOLD_AT, Histogram
+from .._log import errors, logger
+from .._types import Hooks, Host, Sources, Stop
 from ..config import Settings, load_settings
-from ..log import errors, logger
-from ..metrics import FOLD_AT, LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS, Histogram, Point
-
-if TYPE_CHECKING:
-    from ..agent import Agent
-    from ..patching import Undo
-    from ..registry import Registry
+from ..metrics import LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS, Point
+from ._culprit import Sample, sample_stack
 
 PROBE = "loop"
 OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
@@ -40,50 +38,11 @@ CPU_STARVED = "cpu-starved"  # the loop's thread was runnable but got no CPU (li
 GIL_STARVED = "gil-starved"  # the loop's thread waited for the GIL other threads held
 MACHINE = (UNKNOWN, CPU_STARVED, GIL_STARVED)  # labels that name no code: never capped
 TASKS_EVERY = 1.0  # seconds between asyncio_tasks samples: all_tasks() is O(tasks)
-STACK_SHOWN = 8  # frames in the log line's short stack
-
-_STDLIB = tuple(
-    {
-        os.path.join(path, "")
-        for key in ("stdlib", "platstdlib")
-        for path in (sysconfig.get_paths()[key], os.path.realpath(sysconfig.get_paths()[key]))
-    }
-)
-_LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
-_SCRIPTS = os.path.join(sysconfig.get_paths()["scripts"], "")  # pip's entry points: uvicorn...
-
-
-APP, LIBRARY, STDLIB = "app", "library", "stdlib"
-
-
-def code_kind(filename: str, module: str, app_packages: frozenset[str]) -> str:
-    """The culprit rule: is this frame the application's, a library's or the stdlib's?
-
-    ``app`` for the package of the module that called ``instrument()``/``watch_event_loop()``
-    (its top-level package, or the module itself inside poolwatch, i.e. the demo), wherever it
-    is installed. Else ``stdlib`` for poolwatch, generated code (``<frozen ...>``, ``<string>``)
-    and the standard library (asyncio, selectors, socket...); ``library`` for anything under
-    ``site-packages``/``dist-packages`` (uvicorn, starlette, fastapi, anyio, uvloop, but also
-    requests, httpx, a sync DB driver...) and pip's entry-point scripts (``bin/uvicorn``);
-    ``app`` for everything else.
-    """
-    if any(module == p or module.startswith(f"{p}.") for p in app_packages):
-        return APP
-    if module.partition(".")[0] == "poolwatch" or filename.startswith("<"):
-        return STDLIB
-    if filename.startswith(_SCRIPTS) or any(part in filename for part in _LIBRARY_DIRS):
-        return LIBRARY
-    return STDLIB if filename.startswith(_STDLIB) else APP
-
-
-def _where(frame: FrameType) -> str:
-    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_qualname}"
-
 
 # asyncio's dispatch between the frame running the loop and a callback (uvloop's is C code)
 _DISPATCH = (
     asyncio.events.Handle._run.__code__,
-    asyncio.base_events.BaseEventLoop._run_once.__code__,
+    asyncio.base_events.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
 )
 
 
@@ -92,112 +51,6 @@ class Cpu(NamedTuple):
     waited: float  # ...runnable, waiting for a CPU
     slices: int  # ...times put on a CPU
     process: float  # the process's CPU seconds, all threads
-
-
-class Sample(NamedTuple):
-    due: float  # the overdue tick this sample belongs to
-    culprit: str | None  # "module:function"; None: the loop was in its own machinery
-    stack: list[str]  # innermost first, "module:function:line"
-    route: str | None  # "GET /users/{id}" when the block is inside a request
-
-
-def sample_stack(
-    frame: FrameType, due: float, app_packages: frozenset[str], runner: tuple[int, object]
-) -> Sample:
-    """Name the culprit of a stack, innermost frame first (see :func:`code_kind`).
-
-    No application frame (a library blocked on its own): the outermost library call under the
-    framework (:func:`_library_call`). None when the loop was in its own
-    machinery (its I/O wait, its dispatch: only ``asyncio``/``selectors`` frames down to
-    ``runner``, the frame running the loop), where only the machine can stall it.
-    """
-    if _in_loop_machinery(frame, runner):
-        return Sample(due, None, [], None)
-    frames: list[FrameType] = []
-    f: FrameType | None = frame
-    while f is not None and len(frames) < 256:
-        frames.append(f)
-        f = f.f_back
-    modules = [f.f_globals.get("__name__", "") for f in frames]
-    kinds = [
-        code_kind(f.f_code.co_filename, m, app_packages)
-        for f, m in zip(frames, modules, strict=True)
-    ]
-    index = next((i for i, kind in enumerate(kinds) if kind == APP), None)
-    if index is None:
-        index = _library_call(kinds, modules)
-    lines = [f"{_where(f)}:{f.f_lineno}" for f in frames[: index + 3]]
-    if len(lines) > STACK_SHOWN:
-        lines = [*lines[:3], "...", *lines[-(STACK_SHOWN - 4) :]]
-    return Sample(due, _where(frames[index]), lines, _route(frames))
-
-
-# The layers that call into the code being served (servers, ASGI, routing, the loop itself):
-# a library-only block is blamed on the outermost frame called by one of them.
-FRAMEWORK = (
-    "uvicorn",
-    "gunicorn",
-    "hypercorn",
-    "starlette",
-    "fastapi.applications",
-    "fastapi.routing",
-    "anyio",
-    "asyncio",
-    "uvloop",
-    "h11",
-    "httptools",
-    "poolwatch",
-)
-
-
-def _framework(module: str) -> bool:
-    return any(module == p or module.startswith(f"{p}.") for p in FRAMEWORK)
-
-
-def _library_call(kinds: list[str], modules: list[str]) -> int:
-    """The frame to blame when no application frame is on the stack (innermost first): the
-    outermost library frame of the run of frames above the innermost framework frame, e.g.
-    ``fastapi.openapi.utils:get_openapi`` for a schema build deep in pydantic. Where the sampler
-    catches the inner frames changes from one block to the next; that call does not, so the
-    same block gets the same culprit and the culprit cap is not used up."""
-    end = next((i for i, module in enumerate(modules) if _framework(module)), len(modules))
-    library = [i for i in range(end) if kinds[i] == LIBRARY]
-    if library:
-        return library[-1]
-    if end:
-        return end - 1  # only the standard library above the framework (json.dumps...)
-    return next((i for i, kind in enumerate(kinds) if kind == LIBRARY), 0)
-
-
-def _in_loop_machinery(frame: FrameType, runner: tuple[int, object]) -> bool:
-    """Only asyncio/selectors frames between ``frame`` and the frame running the loop?"""
-    f: FrameType | None = frame
-    while f is not None:
-        if (id(f), f.f_code) == runner:
-            return True
-        module = f.f_globals.get("__name__", "")
-        if module != "selectors" and not module.startswith("asyncio."):
-            return False
-        f = f.f_back
-    return False
-
-
-def _route(frames: list[FrameType]) -> str | None:
-    """The route template of the request whose task is blocked, read from the poolwatch ASGI
-    middleware's frame on the blocked stack (nothing is recorded per request to make this work).
-    A contextvar would not do: another thread cannot read the loop thread's context."""
-    from ..asgi import PoolwatchMiddleware
-    from .http_server import route_template
-
-    code = PoolwatchMiddleware.__call__.__code__
-    for f in frames:
-        if f.f_code is code:
-            scope = f.f_locals.get("scope")
-            if not isinstance(scope, dict):
-                return None
-            path = route_template(scope)  # the template, never the raw path
-            return f"{scope.get('method', '')} {path}".strip() if path else None
-    return None
 
 
 class LoopWatch:
@@ -210,7 +63,7 @@ class LoopWatch:
         loop: asyncio.AbstractEventLoop,
         settings: Settings,
         app_packages: frozenset[str],
-        registry: Registry,
+        registry: Sources,
     ) -> None:
         self.loop = loop
         self.interval = settings.loop_interval
@@ -277,7 +130,7 @@ class LoopWatch:
 
     # --- on the loop's thread: the tick -----------------------------------------------------
     def _first_tick(self) -> None:
-        runner = sys._getframe(1)  # under asyncio, its dispatch; under uvloop, C calls us
+        runner: FrameType | None = sys._getframe(1)  # asyncio's dispatch; under uvloop, C
         while runner is not None and runner.f_code in _DISPATCH:
             runner = runner.f_back
         if runner is not None:  # kept as (id, code): a frame reference would hold its locals
@@ -469,9 +322,13 @@ _current: LoopWatch | None = None
 _current_lock = threading.Lock()
 
 
-def install(agent: Agent) -> list[Undo]:
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+WATCHES = None  # a loop is watched when the agent starts in it, or by watch_event_loop()
+
+
+def install(agent: Host, hooks: Hooks) -> None:
     """No class-level hooks (everything starts with the loop); uninstrument() stops the watcher."""
-    return [_stop_current]
+    hooks.on_undo(_stop_current)
 
 
 def _stop_current() -> None:
@@ -479,7 +336,11 @@ def _stop_current() -> None:
         watcher.stop()
 
 
-def start(agent: Agent) -> Callable[[], None] | None:
+def existing(agent: Host, obj: Any) -> None:
+    return None
+
+
+def start(agent: Host) -> Stop | None:
     """Watch the loop the agent starts in (the app's, at lifespan start-up)."""
     try:
         loop = asyncio.get_running_loop()
@@ -488,7 +349,7 @@ def start(agent: Agent) -> Callable[[], None] | None:
     return watch(agent, loop)
 
 
-def watch(agent: Agent, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+def watch(agent: Host, loop: asyncio.AbstractEventLoop, name: str | None = None) -> Stop:
     """Start watching ``loop`` (a loop watched already keeps its watcher); returns stop."""
     global _current
     settings = agent.settings or load_settings()

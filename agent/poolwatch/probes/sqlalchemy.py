@@ -17,21 +17,19 @@ from __future__ import annotations
 import os
 import weakref
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
-from ..leaks import enabled as leak_detection
-from ..log import errors
-from ..metrics import FOLD_AT
-from ..patching import Undo, subclasses, watch_new_instances, wrap_method
-from ..poolstats import PoolGauges, PoolStats, default_pool_name
-
-if TYPE_CHECKING:
-    from ..agent import Agent
+from .._histogram import FOLD_AT
+from .._log import errors
+from .._patching import subclasses, watch_new_instances
+from .._types import Hooks, Host, Stop
+from ._pool_stats import PoolGauges, PoolStats, default_pool_name
+from .leaks import enabled as leak_detection
 
 PROBE = "sqlalchemy"
 ATTR = "_poolwatch_stats"  # on Pool instances; the class default is None (fast miss)
@@ -73,7 +71,7 @@ def _make_return_conn(original: Any) -> Any:
     # Every checkin funnels through Pool._return_conn (SQLAlchemy 1.4-2.1). Wrapping it costs
     # ~0.35 µs against ~0.85 µs for a public "checkin" listener (event dispatch is ~0.45 µs
     # alone), which is the difference between meeting the 2 µs budget and missing it.
-    def _return_conn(self: Pool, record: Any) -> None:
+    def _return_conn(self: Pool, record: Any) -> Any:
         stats: PoolStats | None = self._poolwatch_stats  # type: ignore[attr-defined]
         if stats is not None:
             try:
@@ -92,7 +90,7 @@ def _make_return_conn(original: Any) -> Any:
 
 def _make_recreate(original: Any) -> Any:
     def recreate(self: Pool) -> Pool:
-        new_pool = original(self)
+        new_pool: Pool = original(self)
         stats = self._poolwatch_stats  # type: ignore[attr-defined]
         if stats is not None:
             setattr(new_pool, ATTR, stats)
@@ -101,25 +99,29 @@ def _make_recreate(original: Any) -> Any:
     return recreate
 
 
-def install(agent: Agent) -> list[Undo]:
-    """Class-level hooks; engines that exist already are watched at once."""
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+def install(agent: Host, hooks: Hooks) -> None:
+    """Class-level hooks on every pool class; engines made from now on are watched at once."""
     Pool._poolwatch_stats = None  # type: ignore[attr-defined]
-    undos: list[Undo] = [lambda: delattr(Pool, ATTR)]
-    for cls in subclasses(Pool):
-        if "connect" in vars(cls):
-            undos.append(wrap_method(cls, "connect", _make_connect))
-        if "recreate" in vars(cls):
-            undos.append(wrap_method(cls, "recreate", _make_recreate))
-        if "_return_conn" in vars(cls):
-            undos.append(wrap_method(cls, "_return_conn", _make_return_conn))
-    undos.append(wrap_method(Engine, "__init__", watch_new_instances(agent, PROBE, watch)))
-    return undos
+    hooks.on_undo(lambda: delattr(Pool, ATTR))
+    hooks.wrap(Pool, "connect", _make_connect, "(self)")
+    hooks.wrap(Pool, "_return_conn", _make_return_conn, "(self, record)")
+    hooks.wrap(Pool, "recreate", _make_recreate, "(self)")
+    for cls in subclasses(Pool)[1:]:  # StaticPool, SingletonThreadPool... override connect()
+        for name, make, params in (
+            ("connect", _make_connect, "(self)"),
+            ("recreate", _make_recreate, "(self)"),
+            ("_return_conn", _make_return_conn, "(self, record)"),
+        ):
+            hooks.wrap(cls, name, make, params, override=True)
+    make_init = watch_new_instances(agent, PROBE, watch)
+    hooks.wrap(Engine, "__init__", make_init, "(self, ...)")
 
 
 WATCHES = Engine  # engines made before instrument() are found by the agent's one heap walk
 
 
-def watch_existing(agent: Agent, engine: Engine) -> None:
+def existing(agent: Host, engine: Engine) -> None:
     pool = engine.pool
     if isinstance(pool, QueuePool) and pool.checkedin() + pool.checkedout() == 0:
         # No connection open: maybe an engine disposed of and not yet collected (an app of an
@@ -127,6 +129,10 @@ def watch_existing(agent: Agent, engine: Engine) -> None:
         _watch(agent, engine, None)
     else:
         watch(agent, engine)
+
+
+def start(agent: Host) -> Stop | None:
+    return None
 
 
 def pool_name(engine: Engine) -> str:
@@ -159,14 +165,14 @@ def _read_gauges(engine_ref: weakref.ref[Engine]) -> PoolGauges | None:
     return PoolGauges(used=None, idle=0)  # NullPool, StaticPool...: poolwatch counts used itself
 
 
-def watch(agent: Agent, engine: Any, name: str | None = None) -> PoolStats:
+def watch(agent: Host, engine: Any, name: str | None = None) -> PoolStats:
     """Measure ``engine`` (an ``Engine`` or ``AsyncEngine``); idempotent, ``name`` renames."""
     stats = _watch(agent, engine, name)
     stats.attach(agent.registry)
     return stats
 
 
-def _watch(agent: Agent, engine: Any, name: str | None) -> PoolStats:
+def _watch(agent: Host, engine: Any, name: str | None) -> PoolStats:
     """The engine's stats, made and hooked if new; it holds a name once attached."""
     engine = getattr(engine, "sync_engine", engine)
     stats: PoolStats | None = getattr(engine.pool, ATTR, None)
@@ -174,7 +180,12 @@ def _watch(agent: Agent, engine: Any, name: str | None) -> PoolStats:
         if name and name != stats.wanted:
             stats.rename(name)
         return stats
-    engine_ref = weakref.ref(engine, lambda _: stats.detach())  # collected: its name is free
+
+    def collected(_: object) -> None:  # the engine was garbage collected: its name is free
+        if stats is not None:
+            stats.detach()
+
+    engine_ref = weakref.ref(engine, collected)
     stats = PoolStats(
         PROBE,
         name or pool_name(engine),
@@ -187,7 +198,7 @@ def _watch(agent: Agent, engine: Any, name: str | None) -> PoolStats:
     return stats
 
 
-def _listen(agent: Agent, engine: Engine, stats: PoolStats) -> None:
+def _listen(agent: Host, engine: Engine, stats: PoolStats) -> None:
     registry = agent.registry
     connect_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 

@@ -11,9 +11,11 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from time import perf_counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from .metrics import (
+from .._histogram import Histogram
+from .._types import Sources
+from ..metrics import (
     DB_COUNT,
     DB_CREATE_TIME,
     DB_IDLE_MAX,
@@ -26,12 +28,11 @@ from .metrics import (
     LEAKS,
     SA_INVALIDATIONS,
     SA_OVERFLOW,
-    Histogram,
+    HistogramValue,
+    Metric,
     Point,
 )
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from .leaks import HeldConnections
 
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -68,29 +69,29 @@ class PoolStats:
         *,
         invalidations: bool = False,
         track_leaks: bool = False,
+        times_creates: bool = True,
     ) -> None:
         self.probe = probe
         self.wanted = self.name = name  # the name asked for; ``name`` is the one held
-        self.registry: Registry | None = None  # while attached: collected, and holding ``name``
+        self.registry: Sources | None = None  # while attached: collected, and holding ``name``
         self.read_gauges = read_gauges  # returns None once the pool is gone
         self.timeouts = 0
         self.leaks = 0
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
+        self.times_creates = times_creates  # False: the probe cannot time new connections
         self.invalidations = {"false": 0, "true": 0} if invalidations else None
         self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
         self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
         if track_leaks:  # off: a plain dict, so the probes' hot path does no extra work
-            from .leaks import HeldConnections
-
             self.held = HeldConnections(self)
         self.closed = False
         self.tokens = itertools.count()  # wait tokens: unique across threads
         self._lock = threading.Lock()
 
     # --- open and close: rare ---------------------------------------------------------------
-    def attach(self, registry: Registry) -> None:
+    def attach(self, registry: Sources) -> None:
         """Hold a name (``wanted``, else ``wanted#2``...) and be collected from now on."""
         with self._lock:
             if self.registry is not None:
@@ -167,23 +168,24 @@ class PoolStats:
         used = len(self.held) if gauges.used is None else gauges.used
         yield Point(DB_COUNT, {**pool, STATE: "idle"}, gauges.idle)
         yield Point(DB_COUNT, {**pool, STATE: "used"}, used)
-        for metric, value in (
+        for metric, size in (
             (DB_IDLE_MAX, gauges.idle_max),
             (DB_IDLE_MIN, gauges.idle_min),
             (DB_MAX, gauges.max),
             (SA_OVERFLOW, gauges.overflow),
         ):
-            if value is not None:
-                yield Point(metric, pool, value)
+            if size is not None:
+                yield Point(metric, pool, size)
         with self._lock:  # copy under the lock, yield outside it
-            events = [
+            events: list[tuple[Metric, dict[str, str], float | HistogramValue]] = [
                 (DB_PENDING, pool, len(self.waiting)),
                 (DB_TIMEOUTS, pool, self.timeouts),
                 (LEAKS, pool, self.leaks),
                 (DB_WAIT_TIME, pool, self.wait_time.value()),
                 (DB_USE_TIME, pool, self.use_time.value()),
-                (DB_CREATE_TIME, pool, self.create_time.value()),
             ]
+            if self.times_creates:
+                events.append((DB_CREATE_TIME, pool, self.create_time.value()))
             for soft, count in (self.invalidations or {}).items():
                 events.append((SA_INVALIDATIONS, {**pool, "soft": soft}, count))
         for metric, attributes, value in events:

@@ -17,19 +17,23 @@ import sys
 import threading
 from time import perf_counter
 from types import CodeType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-from .context import current_route
-from .log import errors, logger
-from .patching import Undo
-
-if TYPE_CHECKING:
-    from .agent import Agent
-    from .poolstats import PoolStats
+from .._log import errors, logger
+from .._types import Hooks, Host, Stop
+from ..context import current_route
 
 PROBE = "leaks"
 MAX_FRAMES = 32  # innermost frames kept: the handler is rarely deeper (the rest is framework)
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # poolwatch/
+
+
+class Pool(Protocol):
+    """A pool's stats (``_pool_stats.PoolStats``) as leak detection uses them."""
+
+    name: str
+
+    def leaked(self) -> None: ...
 
 
 class Checkout(NamedTuple):
@@ -100,7 +104,7 @@ class HeldConnections(dict[int, float]):
 
     __slots__ = ("reported", "stats", "takers")
 
-    def __init__(self, stats: PoolStats) -> None:
+    def __init__(self, stats: Pool) -> None:
         super().__init__()
         self.stats = stats
         self.takers: dict[int, Checkout | None] = {}
@@ -120,7 +124,7 @@ class HeldConnections(dict[int, float]):
         return started
 
 
-def enabled(agent: Agent) -> bool:
+def enabled(agent: Host) -> bool:
     """Whether pools watched from now on track who holds their connections."""
     return bool(agent.settings and agent.settings.leak_threshold)
 
@@ -138,7 +142,7 @@ def _format(checkout: Checkout) -> str:
     return "\n".join(lines)
 
 
-def _log_unleaked(stats: PoolStats, leak: Leak) -> None:
+def _log_unleaked(stats: Pool, leak: Leak) -> None:
     checkout = leak.checkout
     logger.info(
         "connection unleaked: returned to the pool after a leak warning",
@@ -152,7 +156,7 @@ def _log_unleaked(stats: PoolStats, leak: Leak) -> None:
 class LeakChecker:
     """Scans every pool's ``held`` from a daemon thread; never touches the event loop."""
 
-    def __init__(self, agent: Agent, threshold: float) -> None:
+    def __init__(self, agent: Host, threshold: float) -> None:
         self.agent = agent
         self.threshold = threshold
         # A leak is reported at most a quarter threshold (and 1 s) late; scans are cheap (one
@@ -216,11 +220,23 @@ def _snapshot(held: dict[int, float]) -> dict[int, float]:
     return {}
 
 
-def install(agent: Agent) -> list[Undo]:
-    return []  # no hooks of its own: PoolStats(track_leaks=enabled(agent)) does the checkout part
+# --- the probe contract (probes/__init__.py) ------------------------------------------------
+WATCHES = None  # the pools are the pool probes' (PoolStats(track_leaks=enabled(agent)))
 
 
-def start(agent: Agent) -> Any:
+def install(agent: Host, hooks: Hooks) -> None:
+    return None  # no hooks of its own: the pool probes record who holds each connection
+
+
+def existing(agent: Host, obj: Any) -> None:
+    return None
+
+
+def watch(agent: Host, obj: Any, name: str | None = None) -> None:
+    raise TypeError("the leaks probe watches no objects: POOLWATCH_LEAK_THRESHOLD turns it on")
+
+
+def start(agent: Host) -> Stop | None:
     threshold = agent.settings.leak_threshold if agent.settings else None
     if not threshold:
         return None

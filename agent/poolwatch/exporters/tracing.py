@@ -14,29 +14,31 @@ instrumentation names it by route itself; two owners of one name would fight ove
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.metrics import NoOpMeterProvider
 
-from .config import ConfigError
-from .log import logger
-from .otel_env import otel_http_instrumentation, protocol
-from .probes.http_server import METHODS, OTHER, HttpServerStats
+from .._log import logger
+from .._types import HttpServer
+from ..config import ConfigError
+from ..metrics import HTTP_METHODS, HTTP_OTHER_METHOD
+from ._otel_env import otel_http_instrumentation, protocol
 
 
 def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The span starts before routing: named by the method only (never the raw path, a label of
     unbounded cardinality); :func:`name_span` adds the route once it is known."""
     method = scope.get("method", "HTTP")
-    return (method if method in METHODS else "HTTP"), {}
+    return (method if method in HTTP_METHODS else "HTTP"), {}
 
 
 def name_span(method: str, route: str) -> None:
     span = trace.get_current_span()
     if span.is_recording():
-        span.update_name(f"{'HTTP' if method == OTHER else method} {route}")
+        span.update_name(f"{'HTTP' if method == HTTP_OTHER_METHOD else method} {route}")
         span.set_attribute("http.route", route)
 
 
@@ -52,7 +54,7 @@ class TracingLayer(OpenTelemetryMiddleware):
     here: then an outer layer (OpenTelemetry's own instrumentation wrapping the app) made the
     server span, and this one would only add an INTERNAL duplicate of it."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if trace.get_current_span() is not trace.INVALID_SPAN:
             await self.app(scope, receive, send)
         else:
@@ -71,7 +73,7 @@ def layer(app: Any, owner: Any = None) -> Any:
     return TracingLayer(app, **OPTIONS)
 
 
-def install(stats: HttpServerStats | None) -> None:
+def install(stats: HttpServer | None) -> None:
     if stats is not None:
         stats.on_route = name_span
 
@@ -86,7 +88,7 @@ def start() -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    from .exporters.otlp import resource
+    from .otlp import resource
 
     names = {n.strip().lower() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
     unknown = names - {"otlp", "console", "none", ""}
@@ -99,10 +101,15 @@ def start() -> None:
     if "otlp" in names:
         if protocol("TRACES") == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            exporter: Any = OTLPSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpExporter,
+            )
+
+            exporter = HttpExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     if "console" in names:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)

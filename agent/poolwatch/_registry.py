@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterator
 
-from . import __version__
-from .log import errors
+from ._log import errors
+from ._types import Source
+from ._version import __version__
 from .metrics import AGENT_ERRORS, BUILD_INFO, Point
-
-
-class Source(Protocol):
-    probe: str
-
-    def points(self) -> Iterable[Point]:
-        """Current values; called from the exporter's thread at collect time."""
-        ...
-
-    def alive(self) -> bool:
-        """False once the watched object is gone: the source is then dropped."""
-        ...
 
 
 class Registry:
