@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
@@ -243,3 +246,44 @@ def test_registry_option_adds_poolwatch_series_to_the_apps_registry(clean_agent,
     assert text.count("# TYPE poolwatch_build_info gauge") == 1
     poolwatch.uninstrument()  # takes poolwatch's collector out of the app's registry
     assert "poolwatch_build_info" not in generate_latest(registry).decode()
+
+
+LATE_IMPORT = """
+import sys
+from starlette.applications import Starlette
+import poolwatch
+from poolwatch.testing import snapshot
+
+def pools():
+    return snapshot().label_values("db_client_connection_count", "db_client_connection_pool_name")
+
+app = poolwatch.instrument(Starlette(), metrics_port=0)
+print("imported:", sorted(m for m in ("sqlalchemy", "aiohttp") if m in sys.modules))
+from sqlalchemy import create_engine, text  # the app imports SQLAlchemy after instrument()
+engine = create_engine(f"sqlite:///{sys.argv[1]}/late.db")
+with engine.connect() as connection:
+    connection.execute(text("select 1"))
+print("measured:", sorted(pools()), snapshot().value("db_client_connection_use_time_seconds_count"))
+poolwatch.uninstrument()
+print("finder left:", any("AfterImport" in type(f).__name__ for f in sys.meta_path))
+poolwatch.instrument(Starlette(), metrics_port=0)
+poolwatch.uninstrument()  # aiohttp imported after this: nothing of poolwatch runs
+import aiohttp
+print("hooked after uninstrument:", "poolwatch" in aiohttp.ClientSession._request.__module__)
+"""
+
+
+def test_a_library_the_app_imports_later_gets_its_probe_then_and_only_then(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_IMPORT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "imported: []",  # a probe's library is not imported for the app
+        "measured: ['late.db'] 1",
+        "finder left: False",
+        "hooked after uninstrument: False",
+    ]

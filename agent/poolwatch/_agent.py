@@ -15,11 +15,14 @@ import importlib
 import importlib.util
 import itertools
 import os
+import sys
 import threading
 import weakref
+from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
+from ._imports import after_import
 from ._log import errors, logger
 from ._patching import Hooks, TargetChanged, subclasses
 from ._registry import Registry
@@ -54,6 +57,7 @@ class Agent:
         self._probes: dict[str, Probe | None] = {}
         self._off: dict[str, str] = {}  # probe -> why it is off (a version, a changed target)
         self._walked = False  # the heap was searched for pools made before instrument()
+        self._waiting: set[str] = set()  # probes waiting for the app to import their library
         self._undos: list[Undo] = []
         self._stops: list[Stop] = []
         self._lock = threading.RLock()
@@ -130,11 +134,34 @@ class Agent:
         """Hook creation of new pools, and watch the ones that exist already."""
         with self._lock:
             self.discovering = True
-            for name in PROBES:
-                self.probe(name)
+            for name, line in PROBES.items():
+                if line.library is None or line.library in sys.modules or name in self._probes:
+                    self.probe(name)
+                elif name not in self._waiting:
+                    # the app has not imported the library (yet): the probe loads if it does
+                    self._waiting.add(name)
+                    self._undos.append(after_import(line.library, partial(self._imported, name)))
             walk, self._walked = not self._walked, True
         if walk:
             self._watch_existing()
+
+    def _imported(self, name: str) -> None:
+        """The app imported a library whose probe waited: install it (no heap walk: no instance
+        of the library's classes can be older than the library)."""
+        with self._lock:
+            self._waiting.discard(name)
+            if not self.discovering:
+                return
+            try:
+                module = self.probe(name)
+                if module is not None and self.started:
+                    stop = module.start(self)
+                    if stop is not None:
+                        self._stops.append(stop)
+            except StartupError as exc:  # strict: said in its line; the import must not fail
+                logger.error(str(exc))
+            except Exception as exc:
+                errors.record(name, exc)
 
     def _watch_existing(self) -> None:
         """Pools, engines and sessions made before the first ``instrument()``: one pass over the
@@ -461,6 +488,7 @@ class Agent:
             undos, self._undos = self._undos, []
             self.discovering = False
             self._walked = False
+            self._waiting.clear()
             self._probes.clear()
             self._off.clear()
             self.settings = None

@@ -1,58 +1,73 @@
 """The agent's logger, and the error counter every hook reports to.
 
-Lines go through structlog. When the app configured structlog itself, poolwatch's lines follow
-that configuration. Otherwise they are rendered as one console line each and written to stderr in
-a single ``write()``: structlog's default ``PrintLogger`` uses ``print()``, which writes the text
-and the newline apart, so on a stream shared with the app's own threads a line could be cut in
-two by someone else's.
+When the app configured structlog, poolwatch's lines go through that configuration. Otherwise
+poolwatch renders each line itself, in structlog's console layout (or as one JSON object, for the
+sidecar), and writes it to stderr in a single ``write()``, so that on a stream shared with the
+app's threads no line is cut in two. Rendering by hand (some 30 lines) rather than through
+structlog keeps structlog out of the app's start-up when the app does not use it: importing it
+pulls in ``rich`` wherever that is installed (FastAPI's CLI brings it), ~0.3 s of CPU in every
+process, worker and test-suite worker alike.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 from typing import Any
 
-import structlog
+# the sidecar (`poolwatch exporter`) logs JSON lines, what a log collector reads
+json_lines = False
+_QUOTE = frozenset(" \t=\r\n\"'")
 
 
-class _WholeLines:
-    """A structlog logger that writes each rendered line (newline included) in one call."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self._stream = stream
-
-    def msg(self, message: str) -> None:
-        stream = self._stream or sys.stderr  # looked up per line: pytest swaps sys.stderr
-        try:
-            stream.write(message + "\n")
-            stream.flush()
-        except (OSError, ValueError):  # a closed or broken stream must not break a hook
-            pass
-
-    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+def _value(value: Any) -> str:
+    """As structlog's console renderer shows a value: a plain word bare, anything else repr()."""
+    if isinstance(value, str) and not _QUOTE.intersection(value):
+        return value
+    return repr(value)
 
 
-_own = structlog.wrap_logger(
-    _WholeLines(),
-    processors=[
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
-        structlog.dev.ConsoleRenderer(colors=False),
-    ],
-    context_class=dict,
-)
+def render(level: str, event: str, fields: dict[str, Any]) -> str:
+    """One line: ``date time [level    ] event   [poolwatch] key=value ...`` (keys sorted), a
+    traceback given as ``exception=`` on the lines below it."""
+    now = time.time()
+    if json_lines:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        record = {"event": event, "logger": "poolwatch", "level": level, "timestamp": stamp}
+        return json.dumps({**fields, **record}, default=repr)
+    exception = fields.pop("exception", None)
+    pairs = " ".join(f"{key}={_value(fields[key])}" for key in sorted(fields))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    line = f"{stamp} [{level:<9}] {event:<30} [poolwatch] {pairs}".rstrip()
+    return f"{line}\n{exception.rstrip()}" if exception else line
+
+
+def _write(level: str, event: str, **fields: Any) -> None:
+    level = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": "info"}.get(
+        level, level
+    )
+    try:
+        line = render(level, event, fields)
+        stream = sys.stderr  # looked up per line: pytest swaps sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # a closed stream must not break a hook
+        pass
 
 
 class _Logger:
     """``logger.warning(event, **fields)``: the app's structlog setup if it has one, else ours."""
 
     def __getattr__(self, level: str) -> Any:
-        if structlog.is_configured():
+        structlog = sys.modules.get("structlog")  # never imported by poolwatch itself
+        if structlog is not None and structlog.is_configured():
             return getattr(structlog.get_logger("poolwatch"), level)
-        return getattr(_own.bind(logger="poolwatch"), level)
+        return functools.partial(_write, level)
 
 
 logger = _Logger()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -50,16 +49,16 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    import structlog
     from prometheus_client import CollectorRegistry
 
+    from .. import _log
     from .._log import logger
     from ..config import load_settings
     from ..exporters.multiproc import STALE_AFTER, WorkersCollector
     from ..exporters.prometheus import MetricsServer, PoolwatchCollector, metrics_app
     from ._common import UsageError
 
-    _configure_logging(structlog)
+    _log.json_lines = True  # one JSON object per line on stderr: what a sidecar's collector reads
     # The agent's variables (POOLWATCH_MULTIPROC_DIR, _METRICS_ADDR/_PORT/_TOKEN), checked
     # the same way; options given on the command line win.
     overrides = {"multiproc_dir": args.multiproc_dir, "metrics_port": args.port}
@@ -136,17 +135,3 @@ def run(args: Any) -> int:
         view.close()
     logger.info("poolwatch exporter stopped")
     return 0
-
-
-def _configure_logging(structlog: Any) -> None:
-    """One JSON object per line on stderr: what log collectors of a sidecar expect."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )

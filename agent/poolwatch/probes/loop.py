@@ -72,7 +72,9 @@ class LoopWatch:
         self.app_packages = app_packages
         self.registry = registry
         self.lag = Histogram()
-        self.blocks: dict[str, int] = {OTHER: 0}  # written by the watchdog thread only
+        # written by the watchdog thread only; the labels that name no code exist at 0 from the
+        # start, so rate() sees 0 rather than nothing and the series count stays flat
+        self.blocks: dict[str, int] = dict.fromkeys((OTHER, *MACHINE), 0)
         self.blocked_seconds = 0.0
         self.tasks = 0
         self.stopped = False
