@@ -16,15 +16,19 @@ from typing import Any
 from .. import metrics as m
 from ..thresholds import Threshold, ThresholdError, load
 from ._common import UsageError, positive_seconds
-from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, quantile
+from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, metrics_url, quantile
 
 STYLES = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 TOP_CULPRITS = 5
-BAR = 10  # characters
+BAR = 6  # characters: the screen fits 80 columns
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("url", help="a poolwatch /metrics URL, e.g. http://127.0.0.1:9464/metrics")
+    parser.add_argument(
+        "url",
+        type=metrics_url,
+        help="a poolwatch /metrics URL, e.g. http://127.0.0.1:9464/metrics or 127.0.0.1:9464",
+    )
     parser.add_argument(
         "--interval", type=positive_seconds, default=2.0, help="seconds between refreshes (2)"
     )
@@ -112,8 +116,10 @@ class Screen:
         from rich.text import Text
 
         window = f"last {elapsed:.1f}s" if previous else "since start, rates next refresh"
-        title = f"poolwatch top · {self.url} · every {self.interval:g}s · {window} · Ctrl-C quits"
-        parts: list[Any] = [Text(title, style="bold")]
+        parts: list[Any] = [
+            Text(f"poolwatch top · {self.url}", style="bold", no_wrap=True, overflow="ellipsis"),
+            Text(f"every {self.interval:g}s · {window} · Ctrl-C quits"),
+        ]
         if error:
             parts.append(Text(f"refresh failed, retrying: {error}", style="bold red"))
         parts.append(self.pools(snap, previous, elapsed))
@@ -126,10 +132,9 @@ class Screen:
     def pools(self, snap: Snapshot, previous: Snapshot | None, elapsed: float) -> Any:
         table = _table("connection pools")
         for column in ("pool", "used/max", "", "idle", "pending", "wait p99", "timeouts/min"):
-            table.add_column(column, justify="left" if column in ("pool", "") else "right")
-        table.columns[0].no_wrap = True
-        table.add_column("overflow", justify="right")
-        table.add_column("leaks", justify="right")
+            _column(table, column)
+        _column(table, "overflow")
+        _column(table, "leaks")
         if not snap.pools:
             table.add_row("(no pools yet)")
         for row in snap.pools.values():
@@ -166,8 +171,7 @@ class Screen:
     def hosts(self, snap: Snapshot, previous: Snapshot | None) -> Any:
         table = _table("HTTP client connections (aiohttp)")
         for column in ("host", "active/limit", "", "idle", "pending", "wait p99"):
-            table.add_column(column, justify="left" if column in ("host", "") else "right")
-        table.columns[0].no_wrap = True
+            _column(table, column)
         for row in snap.hosts.values():
             before: HostRow | None = previous.hosts.get(row.name) if previous else None
             utilization = row.active / row.limit if row.limit else None
@@ -207,7 +211,25 @@ def _table(title: str) -> Any:
     from rich import box
     from rich.table import Table
 
-    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    # one space between columns, none at the edges: nine columns fit 80 characters
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
+
+
+def _column(table: Any, header: str) -> None:
+    """The first column (a name) gives way with an ellipsis; numbers and bars never wrap."""
+    if not table.columns:
+        table.add_column(header, justify="left", overflow="ellipsis", ratio=1)
+    elif header == "timeouts/min":  # the widest header, over two lines
+        table.add_column("timeouts\n/min", justify="right", no_wrap=True)
+    else:
+        table.add_column(header, justify="left" if not header else "right", no_wrap=True)
 
 
 def _ms(seconds: float | None) -> str:
