@@ -1,6 +1,6 @@
 """``poolwatch top URL``: a live terminal view of any poolwatch ``/metrics`` (an app's or the
-sidecar exporter's), coloured by the threshold table; and the plain-text lines ``poolwatch demo``
-prints (``render_lines``).
+sidecar exporter's), coloured by the threshold table. ``poolwatch demo`` draws its pool, host
+and loop lines with the same ``Screen``.
 
 Quantiles and rates are taken between two refreshes (histogram bucket and counter deltas), so
 the screen shows the last interval, not the process's lifetime; the first screen, with nothing
@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any
 
-from .. import metrics as m
 from ..thresholds import Threshold, ThresholdError, load
 from ._common import UsageError, positive_seconds
 from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, metrics_url, quantile
@@ -244,33 +243,3 @@ def bar(used: float, limit: float | None, width: int = 20) -> str:
         return "-" * width
     filled = min(width, round(width * used / limit))
     return "#" * filled + "." * (width - filled)
-
-
-def render_lines(
-    snap: Snapshot, previous: Snapshot | None = None, interval: float = 1.0
-) -> list[str]:
-    """Plain-text lines: one per pool, then the loop line when the loop probe exports data."""
-    lines = [
-        f"{'pool':<32} {'used/max':<9} {'':<20} {'pending':>7} {'timeouts':>8} {'avg wait ms':>11}"
-    ]
-    for row in snap.pools.values():
-        wait_ms = 0.0
-        before = previous.pools.get(row.name) if previous else None
-        count = row.wait_count - (before.wait_count if before else 0)
-        if count > 0:
-            wait_ms = 1000 * (row.wait_sum - (before.wait_sum if before else 0)) / count
-        limit = f"{row.max:g}" if row.max is not None else "-"
-        lines.append(
-            f"{row.name[:32]:<32} {f'{row.used:g}/{limit}':<9} {bar(row.used, row.max)} "
-            f"{row.pending:>7g} {row.timeouts:>8g} {wait_ms:>11.1f}"
-        )
-    blocks = snap.other.get(m.LOOP_BLOCKS.sample())
-    if blocks is not None:
-        counted, summed = m.LOOP_LAG.sample("count"), m.LOOP_LAG.sample("sum")
-        lag_count, lag_sum = snap.other.get(counted, 0), snap.other.get(summed, 0)
-        if previous is not None:
-            lag_count -= previous.other.get(counted, 0)
-            lag_sum -= previous.other.get(summed, 0)
-        mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
-        lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
-    return lines
