@@ -66,3 +66,23 @@ def test_wheel_installs_with_cli_only_and_writes_every_ops_file(tmp_path):
     for relative in OPS_FILES:
         assert (out / relative).read_text() == (REPO / relative).read_text(), relative
     run(poolwatch, "generate", "--root", out, "--check")
+
+    # a selector alone needs no SDK: the stock dashboards carry the selector as a mark
+    selector = tmp_path / "selector.toml"
+    selector.write_text("selector = 'job=\"shop\"'\n")
+    run(poolwatch, "generate", "--overrides", selector, "--root", tmp_path / "selected")
+    overview = (tmp_path / "selected/dashboards/overview.json").read_text()
+    assert 'job=\\"shop\\"' in overview and "@@SELECTOR" not in overview
+    # thresholds are drawn into the dashboards: without the SDK, the rest is written, and why not
+    thresholds = tmp_path / "thresholds.toml"
+    thresholds.write_text("[pool_utilization]\ncritical = 0.95\n")
+    mine = tmp_path / "mine"
+    done = subprocess.run(
+        [poolwatch, "generate", "--overrides", thresholds, "--root", mine],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "dashboards not written" in done.stdout and "poolwatch[dashboards]" in done.stdout
+    assert "> 0.95" in (mine / "alerts/poolwatch.rules.yaml").read_text()
+    assert not (mine / "dashboards").exists()
