@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from poolwatch import config
+from poolwatch import __version__, config
 from tests.support.apps import REPO, stop_process
 from tests.support.net import free_port, get, scrape, wait_for_port
 
@@ -68,6 +68,7 @@ def test_it_stays_a_readme():
     assert len(lines) <= 300
     assert "poolwatch demo" in "\n".join(lines[:6])  # the first screen shows the demo
     assert "scripts/test" in "\n".join(lines[:6])
+    assert f"dist/poolwatch-{__version__}-py3-none-any.whl" in README  # the install is true
     assert not re.search(r"\bissue \d+|\(issue|DESIGN", README)
     assert not re.search(r"\b20\d\d-\d\d-\d\d\b", README)  # no dated benchmark runs
     for target in re.findall(r"\]\(([^)#]+)", README):  # every relative link resolves
