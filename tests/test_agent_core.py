@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -214,7 +215,11 @@ def test_instrument_refuses_what_is_no_asgi_app_in_one_line(app, says):
 
 
 def test_bad_setting_value_raises_one_line_without_a_chain(monkeypatch):
+    import sys
+
     import poolwatch
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # instrument() sets its own
 
     monkeypatch.setenv("POOLWATCH_METRICS_PORT", "abc")
     with pytest.raises(ConfigError) as error:
@@ -223,6 +228,24 @@ def test_bad_setting_value_raises_one_line_without_a_chain(monkeypatch):
     assert error.value.__cause__ is None and error.value.__suppress_context__
     # only the frame of the public call: no poolwatch internals in the traceback
     assert error.traceback[-1].name == "instrument"
+
+
+def test_bad_setting_under_uvicorn_is_one_line_on_stderr():
+    """What a user sees: the server's import traceback is not printed, only poolwatch's line."""
+    import subprocess
+    import sys
+
+    from tests.support.apps import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLWATCH_")}
+    env["POOLWATCH_METRICS_PORT"] = "abc"
+    cmd = [sys.executable, "-m", "uvicorn", "tests.apps.starlette_app:app", "--port", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "poolwatch: POOLWATCH_METRICS_PORT='abc' is invalid: expected an integer 0-65535 "
+        "(0 turns the listener off). Fix or unset POOLWATCH_METRICS_PORT."
+    ]
 
 
 async def _asgi_app(scope, receive, send):

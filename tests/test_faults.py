@@ -143,7 +143,7 @@ async def test_slow_upstream_times_out_as_without_poolwatch(app_server):
 
 
 # --- exporter faults ----------------------------------------------------------------------------
-# The matrix (README, "Faults"): OTLP collector down -> test_otlp (in-app; the sidecar pushes no
+# The matrix (docs/how-it-works.md): OTLP collector down -> test_otlp (in-app; the sidecar pushes no
 # OTLP); metrics port taken -> test_pools (in-app, with lifespan) and below; multiproc directory
 # unwritable at start -> test_multiproc (in-app) and below; the rest below.
 POOL_APP = "tests.apps.pool_app:app"

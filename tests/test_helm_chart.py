@@ -582,7 +582,7 @@ def test_generate_check_covers_the_chart(tmp_path):
     stale = generate("--check", "--root", str(tmp_path))
     assert stale.returncode == 1
     for name in ("templates/prometheusrule.yaml", "values.yaml", "values.schema.json", "README.md"):
-        assert f"out of date: helm/poolwatch/{name}" in stale.stdout
+        assert f"missing: helm/poolwatch/{name}" in stale.stdout  # an empty root
     overrides = tmp_path / "mine.toml"
     overrides.write_text('[pool_utilization]\nwarning = 0.6\nfor = "10m"\n')
     assert generate("--overrides", str(overrides), "--root", str(tmp_path)).returncode == 0

@@ -56,8 +56,8 @@ test_config.__test__ = False  # a helper, not a test
 
 
 def start_pod(env: dict[str, str], directory: Path) -> tuple[AppServer, Exporter]:
-    """A pod as the README deploys it: uvicorn with 2 workers, and the sidecar exporter serving
-    both workers' metrics (``worker`` label) on one target."""
+    """A pod as docs/kubernetes.md deploys it: uvicorn with 2 workers, and the sidecar exporter
+    serving both workers' metrics (``worker`` label) on one target."""
     directory.mkdir()
     env = {**env, "POOLWATCH_MULTIPROC_DIR": str(directory)}
     return start_workers("uvicorn", "tests.apps.pool_app:app", 2, env), run_exporter(

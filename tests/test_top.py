@@ -92,13 +92,18 @@ def test_top_shows_the_demo_pool_running_dry_and_quits_on_ctrl_c():
     terminal = None
     try:
         wait_for_port(metrics_port, proc=demo)
-        top = poolwatch_command("top", url, "--interval", "0.5")
-        terminal = Tmux(f"cd {shlex.quote(REPO)} && {top}; echo EXIT=$?; sleep 60")
+        # host:port is taken as http://host:port/metrics; the screen fits an 80-column terminal
+        top = poolwatch_command("top", f"127.0.0.1:{metrics_port}", "--interval", "0.5")
+        terminal = Tmux(f"cd {shlex.quote(REPO)} && {top}; echo EXIT=$?; sleep 60", width=80)
         screen = terminal.wait_for(r"demo\.db")
-        assert "connection pools" in screen and "wait p99" in screen and "timeouts/min" in screen
+        assert f"poolwatch top · {url}" in screen
+        assert "connection pools" in screen and "wait p99" in screen
+        assert "timeouts" in screen and "/min" in screen and "overflow" in screen
+        assert "…" not in screen  # no header or number cut short
         # Phase 2 (5-10 s): 32 clients on a pool of max 6; the row shows it full, with a queue
         # and checkouts timing out (pool_timeout 0.25 s) in red.
-        screen = terminal.wait_for(r"demo\.db\s+6/6\s+#{10}\s+0\s+[1-9]\d*\s+\d+ ms\s+[1-9]")
+        screen = terminal.wait_for(r"demo\.db\s+6/6\s+#{6}\s+0\s+[1-9]\d*\s+\d+ ms\s+[1-9]")
+        assert "…" not in screen
         row = next(line for line in screen.splitlines() if "demo.db" in line)
         wait_ms = int(re.search(r"(\d+) ms", row).group(1))
         # Waits last up to pool_timeout (0.25 s); p99 interpolates inside the histogram bucket
@@ -240,7 +245,7 @@ def test_loop_and_http_client_rows_with_threshold_colours():
     console = Console(record=True, width=150, force_terminal=True, color_system="standard")
     console.print(Screen("http://x/metrics", 1.0, load()).render(after, before, 1.0, None))
     text = console.export_text(clear=False)
-    assert re.search(r"api\.internal:443\s+10/10\s+#{10}\s+1\s+4\s+50 ms", text)
+    assert re.search(r"api\.internal:443\s+10/10\s+#{6}\s+1\s+4\s+50 ms", text)
     assert "event loop: lag p99 2200 ms   blocked 0.90s   tasks 12" in text
     assert re.search(r"5\s+\+3\s+app\.report:render", text)  # worst culprit first, +new
     assert text.index("app.report:render") < text.index("app.csv:export")

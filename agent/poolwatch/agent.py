@@ -60,6 +60,7 @@ def instrument(app: Any = None, *, registry: Any = None, **options: Any) -> Any:
         settings = agent.configure(options)
         _check_otel_values(settings)
     except ConfigError as exc:  # one line, no chain of poolwatch's internals
+        _one_line_when_uncaught()
         raise ConfigError(str(exc)) from None
     agent.app_module = agent.app_module or _caller_module()
     agent.discover()
@@ -123,6 +124,24 @@ def _check_otel_values(settings: Settings) -> None:
         otel_env.check("METRICS")
     if otel_env.tracing_wanted(settings):
         otel_env.check("TRACES")
+
+
+def _one_line_when_uncaught() -> None:
+    """A ``ConfigError`` nobody catches ends the process: print it as the one line it is,
+    instead of under the server's 40-line import traceback. Other exceptions, and a
+    ``ConfigError`` the app catches, are untouched."""
+    previous = sys.excepthook
+    if getattr(previous, "poolwatch_one_line", False):
+        return
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if isinstance(exc, ConfigError):
+            print(f"poolwatch: {exc}", file=sys.stderr)
+        else:
+            previous(kind, exc, tb)
+
+    excepthook.poolwatch_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
 
 
 def uninstrument() -> None:

@@ -73,7 +73,7 @@ class _Spec:
 
 
 # One row per setting: field name -> (environment variable, parser, what is allowed).
-# The README's configuration table mirrors this dict.
+# The documentation's configuration table is generated from it (and MEANING, below).
 SPECS: dict[str, _Spec] = {
     "metrics_addr": _Spec("POOLWATCH_METRICS_ADDR", _address, "an IP address or 'localhost'"),
     "metrics_port": _Spec(
@@ -108,6 +108,31 @@ SPECS: dict[str, _Spec] = {
         _bool,
         "true or false (true: a taken port, a collector down... stop the start-up)",
     ),
+}
+
+
+# What each setting does, for the documentation's configuration table (generated from SPECS
+# and this dict by scripts/mkdocs_hooks.py; a test checks every setting has a line).
+MEANING: dict[str, str] = {
+    "metrics_addr": "address of the `/metrics` listener; `0.0.0.0` to be scraped from outside "
+    "(a pod)",
+    "metrics_port": "port of the `/metrics` listener",
+    "metrics_token": "bearer token required on `/metrics`",
+    "http_client_max_hosts": "distinct aiohttp hosts with their own series; the rest share `other`",
+    "loop_interval": "event-loop lag probe interval, seconds; below `block_threshold`",
+    "block_threshold": "a loop stalled this long is a block (counted, its culprit named)",
+    "max_culprits": "distinct `culprit` labels; the rest share `other`",
+    "leak_threshold": "seconds a connection may be held before it is reported as a leak",
+    "multiproc_dir": "directory shared with `poolwatch exporter` (several workers, one target)",
+    "http_server_metrics": "record `http.server.*` metrics of the app's requests",
+    "max_routes": "distinct `http_route` labels; more routes share `_OTHER`",
+    "tracing": "wrap the app in OpenTelemetry's ASGI middleware (server spans); `false` "
+    "always wins",
+    "otlp": "push every metric over OTLP; also on with `OTEL_METRICS_EXPORTER=otlp` or an "
+    "OTLP endpoint set",
+    "worker": "the `worker` label of this process in multi-worker mode",
+    "strict": "a taken port, a collector down, an unwritable directory stop the start-up "
+    "instead of one warning",
 }
 
 

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from .._version import __version__
 from ..config import ConfigError
 from ._common import UsageError
 
@@ -29,7 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poolwatch", description="poolwatch")
+    parser = argparse.ArgumentParser(
+        prog="poolwatch",
+        description="poolwatch: connection pools, event loop and HTTP metrics of async services",
+    )
+    parser.add_argument("--version", action="version", version=f"poolwatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)

@@ -31,7 +31,7 @@ from typing import Any
 from .. import metrics as m
 from ..thresholds import duration_seconds, load
 from ._common import UsageError, non_negative_int, positive_int, positive_seconds
-from .scrape import POOL, STATE, Buckets, Snapshot, delta, fetch, quantile
+from .scrape import POOL, STATE, Buckets, Snapshot, delta, fetch, metrics_url, quantile
 
 HEADROOM = 1.5  # the sizing guide's factor
 POSTGRES_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
@@ -191,7 +191,9 @@ def fleet_lines(budget: Budget, per_process_now: float | None, per_process_advis
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("url", nargs="?", help="a poolwatch /metrics URL to sample")
+    parser.add_argument(
+        "url", nargs="?", type=metrics_url, help="a poolwatch /metrics URL (or host:port) to sample"
+    )
     parser.add_argument(
         "--window", type=positive_seconds, default=60.0, help="seconds to sample the URL (60)"
     )

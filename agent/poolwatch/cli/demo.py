@@ -1,9 +1,9 @@
 """``poolwatch demo``: an instrumented FastAPI app on SQLite with an aiohttp upstream, and a load
 that walks healthy -> pool exhaustion -> blocked loop while a live view shows the pool.
 
-Everything runs in this process: the app under uvicorn on the main thread's loop, the load on a
-thread with its own loop (so a blocked app loop does not stop the load), the view on the main
-thread reading the app's own ``/metrics``.
+Everything runs in this process: the app under uvicorn on the main thread's loop; the load, the
+live view and the closing summary (``demo_view``) on threads of their own, so a blocked app
+loop stops neither; the view reads the app's own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from typing import Any
 
 PHASES = (
@@ -95,49 +94,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Load(threading.Thread):
-    """Bounded client load on its own thread and loop; ``phase`` selects the current shape."""
-
-    def __init__(self, base_url: str, stop: threading.Event) -> None:
-        super().__init__(name="poolwatch-demo-load", daemon=True)
-        self.base_url, self.stop, self.phase = base_url, stop, 0
-        self.statuses: dict[int, int] = {}
-
-    def run(self) -> None:
-        asyncio.run(self._run())
-
-    async def _run(self) -> None:
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            workers = [
-                asyncio.create_task(self._client(session, i))
-                for i in range(max(p[1] for p in PHASES))
-            ]
-            while not self.stop.is_set():
-                await asyncio.sleep(0.1)
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    async def _client(self, session: Any, index: int) -> None:
-        while not self.stop.is_set():
-            _, clients, route = PHASES[self.phase]
-            if index >= clients:
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                async with session.get(self.base_url + route) as response:
-                    await response.read()
-                    self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.1 if route == "/report" else 0.005)
-
-
 def add_arguments(parser: Any) -> None:
     from ._common import port, positive_seconds
 
@@ -155,15 +111,18 @@ def run(args: Any) -> int:
 
 def serve(duration: float | None, database_url: str | None, port: int, metrics_port: int) -> int:
     import uvicorn
+    from rich.console import Console
+    from rich.live import Live
 
-    from .scrape import parse
-    from .top import render_lines
+    from .demo_view import Blocks, Load, View
 
     # 0 picks a free port here, not in the servers: the load and the view need to know it
     port, metrics_port = port or _free_port(), metrics_port or _free_port()
     workdir = tempfile.mkdtemp(prefix="poolwatch-demo-")
     database_url = database_url or f"sqlite+aiosqlite:///{os.path.join(workdir, 'demo.db')}"
     os.environ.setdefault("POOLWATCH_METRICS_PORT", str(metrics_port))
+    blocks = Blocks()
+    blocks.install()  # the agent's block warnings become the view's "recent blocks" line
     upstream_port = _free_port()
     app = build_app(database_url, f"http://127.0.0.1:{upstream_port}/")
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -171,36 +130,39 @@ def serve(duration: float | None, database_url: str | None, port: int, metrics_p
     stop = threading.Event()
     phase_seconds = (duration / len(PHASES)) if duration else 10.0
     metrics_url = f"http://127.0.0.1:{os.environ['POOLWATCH_METRICS_PORT']}/metrics"
+    load = Load(port, PHASES)
+    view = View(f"http://127.0.0.1:{port}", metrics_url, load, blocks)
+    console = Console()
 
-    def view() -> None:  # a thread: keeps drawing while the app's loop is blocked
-        load = Load(f"http://127.0.0.1:{port}", stop)
+    def show() -> None:  # a thread: keeps drawing while the app's loop is blocked
         while not server.started and not stop.is_set():
             time.sleep(0.05)
         load.start()
-        started, previous = time.monotonic(), None
-        print(f"poolwatch demo: app http://127.0.0.1:{port}  metrics {metrics_url}  (Ctrl-C stops)")
-        while not stop.is_set():
-            elapsed = time.monotonic() - started
-            if duration and elapsed >= duration:
-                break
-            load.phase = int(elapsed // phase_seconds) % len(PHASES)
-            try:
-                with urllib.request.urlopen(metrics_url, timeout=2) as response:
-                    snap = parse(response.read().decode())
-            except OSError as exc:
-                print(f"  (metrics unavailable: {exc})")
-                time.sleep(1)
-                continue
-            statuses = dict(sorted(load.statuses.items()))
-            print(f"[{elapsed:5.1f}s] phase: {PHASES[load.phase][0]}  responses: {statuses}")
-            for line in render_lines(snap, previous):
-                print("  " + line)
-            previous = snap
-            time.sleep(1.0)
+        started, shown_phase, frame = time.monotonic(), 0, None
+        # On a terminal one screen redrawn in place; piped, the last frame of each phase.
+        live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+        with live or contextlib.nullcontext():
+            while not stop.is_set():
+                elapsed = time.monotonic() - started
+                if duration and elapsed >= duration:
+                    break
+                load.phase = int(elapsed // phase_seconds) % len(PHASES)
+                if live is None and frame is not None and load.phase != shown_phase:
+                    console.print(frame)
+                shown_phase = load.phase
+                snap = view.fetch()
+                if snap is not None:
+                    view.observe(snap, load.phase, load.responses())
+                frame = view.frame(snap, load.phase, elapsed, duration)
+                if live is not None:
+                    live.update(frame, refresh=True)
+                stop.wait(1.0)
+        if live is None and frame is not None:
+            console.print(frame)
         stop.set()
         server.should_exit = True
 
-    viewer = threading.Thread(target=view, name="poolwatch-demo-view", daemon=True)
+    viewer = threading.Thread(target=show, name="poolwatch-demo-view", daemon=True)
 
     async def main() -> None:
         runner = await _upstream(upstream_port)
@@ -216,6 +178,9 @@ def serve(duration: float | None, database_url: str | None, port: int, metrics_p
     except KeyboardInterrupt:
         stop.set()
     viewer.join(timeout=5)
+    load.close()
     shutil.rmtree(workdir, ignore_errors=True)  # the embedded SQLite database
+    summary = view.summary(os.environ["POOLWATCH_METRICS_PORT"], min(console.width, 100))
+    console.print(summary, highlight=False, soft_wrap=True)
     sys.stdout.flush()
     return 0

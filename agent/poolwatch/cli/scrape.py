@@ -218,6 +218,14 @@ def quantile(q: float, buckets: Buckets) -> float | None:
     return lower
 
 
+def metrics_url(text: str) -> str:
+    """What a user types for an endpoint: ``host:port`` means ``http://host:port/metrics``."""
+    if "://" not in text:
+        text = f"http://{text}"
+    parts = urllib.parse.urlsplit(text)
+    return parts._replace(path="/metrics").geturl() if parts.path in ("", "/") else text
+
+
 def fetch(url: str, token: str | None = None, timeout: float = 5.0) -> Snapshot:
     """Scrape and parse a poolwatch ``/metrics`` endpoint; a ``UsageError`` says what is wrong."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):

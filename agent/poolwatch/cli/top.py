@@ -1,6 +1,6 @@
 """``poolwatch top URL``: a live terminal view of any poolwatch ``/metrics`` (an app's or the
-sidecar exporter's), coloured by the threshold table; and the plain-text lines ``poolwatch demo``
-prints (``render_lines``).
+sidecar exporter's), coloured by the threshold table. ``poolwatch demo`` draws its pool, host
+and loop lines with the same ``Screen``.
 
 Quantiles and rates are taken between two refreshes (histogram bucket and counter deltas), so
 the screen shows the last interval, not the process's lifetime; the first screen, with nothing
@@ -13,18 +13,21 @@ import os
 import time
 from typing import Any
 
-from .. import metrics as m
 from ..thresholds import Threshold, ThresholdError, load
 from ._common import UsageError, positive_seconds
-from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, quantile
+from .scrape import HostRow, LoopRow, PoolRow, Snapshot, delta, fetch, metrics_url, quantile
 
 STYLES = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 TOP_CULPRITS = 5
-BAR = 10  # characters
+BAR = 6  # characters: the screen fits 80 columns
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("url", help="a poolwatch /metrics URL, e.g. http://127.0.0.1:9464/metrics")
+    parser.add_argument(
+        "url",
+        type=metrics_url,
+        help="a poolwatch /metrics URL, e.g. http://127.0.0.1:9464/metrics or 127.0.0.1:9464",
+    )
     parser.add_argument(
         "--interval", type=positive_seconds, default=2.0, help="seconds between refreshes (2)"
     )
@@ -112,8 +115,10 @@ class Screen:
         from rich.text import Text
 
         window = f"last {elapsed:.1f}s" if previous else "since start, rates next refresh"
-        title = f"poolwatch top · {self.url} · every {self.interval:g}s · {window} · Ctrl-C quits"
-        parts: list[Any] = [Text(title, style="bold")]
+        parts: list[Any] = [
+            Text(f"poolwatch top · {self.url}", style="bold", no_wrap=True, overflow="ellipsis"),
+            Text(f"every {self.interval:g}s · {window} · Ctrl-C quits"),
+        ]
         if error:
             parts.append(Text(f"refresh failed, retrying: {error}", style="bold red"))
         parts.append(self.pools(snap, previous, elapsed))
@@ -126,10 +131,9 @@ class Screen:
     def pools(self, snap: Snapshot, previous: Snapshot | None, elapsed: float) -> Any:
         table = _table("connection pools")
         for column in ("pool", "used/max", "", "idle", "pending", "wait p99", "timeouts/min"):
-            table.add_column(column, justify="left" if column in ("pool", "") else "right")
-        table.columns[0].no_wrap = True
-        table.add_column("overflow", justify="right")
-        table.add_column("leaks", justify="right")
+            _column(table, column)
+        _column(table, "overflow")
+        _column(table, "leaks")
         if not snap.pools:
             table.add_row("(no pools yet)")
         for row in snap.pools.values():
@@ -166,8 +170,7 @@ class Screen:
     def hosts(self, snap: Snapshot, previous: Snapshot | None) -> Any:
         table = _table("HTTP client connections (aiohttp)")
         for column in ("host", "active/limit", "", "idle", "pending", "wait p99"):
-            table.add_column(column, justify="left" if column in ("host", "") else "right")
-        table.columns[0].no_wrap = True
+            _column(table, column)
         for row in snap.hosts.values():
             before: HostRow | None = previous.hosts.get(row.name) if previous else None
             utilization = row.active / row.limit if row.limit else None
@@ -207,7 +210,25 @@ def _table(title: str) -> Any:
     from rich import box
     from rich.table import Table
 
-    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    # one space between columns, none at the edges: nine columns fit 80 characters
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
+
+
+def _column(table: Any, header: str) -> None:
+    """The first column (a name) gives way with an ellipsis; numbers and bars never wrap."""
+    if not table.columns:
+        table.add_column(header, justify="left", overflow="ellipsis", ratio=1)
+    elif header == "timeouts/min":  # the widest header, over two lines
+        table.add_column("timeouts\n/min", justify="right", no_wrap=True)
+    else:
+        table.add_column(header, justify="left" if not header else "right", no_wrap=True)
 
 
 def _ms(seconds: float | None) -> str:
@@ -222,33 +243,3 @@ def bar(used: float, limit: float | None, width: int = 20) -> str:
         return "-" * width
     filled = min(width, round(width * used / limit))
     return "#" * filled + "." * (width - filled)
-
-
-def render_lines(
-    snap: Snapshot, previous: Snapshot | None = None, interval: float = 1.0
-) -> list[str]:
-    """Plain-text lines: one per pool, then the loop line when the loop probe exports data."""
-    lines = [
-        f"{'pool':<32} {'used/max':<9} {'':<20} {'pending':>7} {'timeouts':>8} {'avg wait ms':>11}"
-    ]
-    for row in snap.pools.values():
-        wait_ms = 0.0
-        before = previous.pools.get(row.name) if previous else None
-        count = row.wait_count - (before.wait_count if before else 0)
-        if count > 0:
-            wait_ms = 1000 * (row.wait_sum - (before.wait_sum if before else 0)) / count
-        limit = f"{row.max:g}" if row.max is not None else "-"
-        lines.append(
-            f"{row.name[:32]:<32} {f'{row.used:g}/{limit}':<9} {bar(row.used, row.max)} "
-            f"{row.pending:>7g} {row.timeouts:>8g} {wait_ms:>11.1f}"
-        )
-    blocks = snap.other.get(m.LOOP_BLOCKS.sample())
-    if blocks is not None:
-        counted, summed = m.LOOP_LAG.sample("count"), m.LOOP_LAG.sample("sum")
-        lag_count, lag_sum = snap.other.get(counted, 0), snap.other.get(summed, 0)
-        if previous is not None:
-            lag_count -= previous.other.get(counted, 0)
-            lag_sum -= previous.other.get(summed, 0)
-        mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
-        lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
-    return lines
