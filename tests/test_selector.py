@@ -1,7 +1,7 @@
 """The deployment's selector (``selector`` in the threshold table, set by `poolwatch generate
 --overrides`): every series of every generated rule and dashboard query carries it, and an
 alert does not fire on another service that exports the same metric names. The chart's own
-``selector`` value is checked against these files in test_helm_chart.py."""
+``selector`` value is checked against these files in test_helm_integration.py."""
 
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ OPERATOR_GROUP = "monitoring.coreos.com"
 DURATION = re.compile(r"^(0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
+# The value sets the chart is tested with: its defaults and each ci/*-values.yaml.
+CI_VALUES = sorted(CHART.glob("ci/*-values.yaml"))
+VALUE_SETS = {"default": {}} | {p.name: yaml.safe_load(p.read_text()) for p in CI_VALUES}
+
 
 def render(
     values: dict[str, Any] | None = None, chart: Path = CHART, name: str = "rel"
@@ -68,6 +72,24 @@ def objects(manifests: dict[str, str]) -> list[dict[str, Any]]:
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [obj for obj in objs if obj["kind"] == kind]
+
+
+def rules_of(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rendered PrometheusRule's rules, by alert or record name."""
+    (rule,) = by_kind(objects(render(values)), "PrometheusRule")
+    return {r.get("alert") or r["record"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def assert_locked_down(container: dict[str, Any], pod_spec: dict[str, Any]) -> None:
+    """The container runs as a non-root user, read-only, without privileges, with limits."""
+    context = {**pod_spec.get("securityContext", {}), **container["securityContext"]}
+    assert context["runAsNonRoot"] is True and context.get("runAsUser", 0) != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    assert {"cpu", "memory"} <= container["resources"]["limits"].keys()
 
 
 def is_custom(obj: dict[str, Any]) -> bool:
