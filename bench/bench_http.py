@@ -218,6 +218,9 @@ def instructions(env: dict[str, str], path: str, requests: int, connections: int
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     cmd += [sys.executable, "-m", "uvicorn", "bench.http_app:app", "--port", str(port)]
     cmd += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    # keep-alive beyond valgrind's pauses: uvicorn closes a connection idle for 5 s, and a client
+    # whose request then failed left fewer requests counted than divided by
+    cmd += ["--timeout-keep-alive", "3600"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -225,12 +228,15 @@ def instructions(env: dict[str, str], path: str, requests: int, connections: int
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
 
+    answered: list[int] = []  # requests answered 200, whatever happened to the others
+
     def get_each(client: http.client.HTTPConnection, n: int) -> None:
         for _ in range(n):
             client.request("GET", path)
             response = client.getresponse()
             response.read()
             assert response.status == 200, f"{env['BENCH_VARIANT']} {path}: {response.status}"
+            answered.append(1)
 
     def get(n: int) -> int:
         """``n`` requests spread over the clients, all of them at once (threads)."""
@@ -240,6 +246,9 @@ def instructions(env: dict[str, str], path: str, requests: int, connections: int
             thread.start()
         for thread in threads:
             thread.join()
+        if len(answered) != each * connections:
+            raise RuntimeError(f"{len(answered)} of {each * connections} requests answered")
+        answered.clear()
         return each * connections
 
     try:
