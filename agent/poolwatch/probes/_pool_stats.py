@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from time import perf_counter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .._histogram import Histogram
+from .._log import errors
 from .._types import Sources
 from ..metrics import (
     DB_COUNT,
@@ -42,7 +43,7 @@ class PoolGauges(NamedTuple):
     used: (
         int | None
     )  # None: the pool cannot tell; poolwatch's own count of held connections is used
-    idle: int
+    idle: int | None  # None: this release keeps it where poolwatch cannot read it (left out)
     idle_max: int | None = None
     idle_min: int | None = None
     max: int | None = None
@@ -70,6 +71,7 @@ class PoolStats:
         invalidations: bool = False,
         track_leaks: bool = False,
         times_creates: bool = True,
+        left_out: Callable[[], Collection[Metric]] | None = None,
     ) -> None:
         self.probe = probe
         self.wanted = self.name = name  # the name asked for; ``name`` is the one held
@@ -81,6 +83,8 @@ class PoolStats:
         self.use_time = Histogram()
         self.create_time = Histogram()
         self.times_creates = times_creates  # False: the probe cannot time new connections
+        # the series another exporter already records for this pool (redis-py's own metrics)
+        self.left_out = left_out
         self.invalidations = {"false": 0, "true": 0} if invalidations else None
         self.waiting: dict[int, float] = {}  # wait token -> start; len() is pending_requests
         self.held: dict[int, float] = {}  # checkout key -> perf_counter() at checkout
@@ -165,9 +169,12 @@ class PoolStats:
         if gauges is None:
             return
         pool = {POOL_NAME: self.name}
+        skip = self.left_out() if self.left_out is not None else ()
         used = len(self.held) if gauges.used is None else gauges.used
-        yield Point(DB_COUNT, {**pool, STATE: "idle"}, gauges.idle)
-        yield Point(DB_COUNT, {**pool, STATE: "used"}, used)
+        if DB_COUNT not in skip:
+            if gauges.idle is not None:
+                yield Point(DB_COUNT, {**pool, STATE: "idle"}, gauges.idle)
+            yield Point(DB_COUNT, {**pool, STATE: "used"}, used)
         for metric, size in (
             (DB_IDLE_MAX, gauges.idle_max),
             (DB_IDLE_MIN, gauges.idle_min),
@@ -189,7 +196,8 @@ class PoolStats:
             for soft, count in (self.invalidations or {}).items():
                 events.append((SA_INVALIDATIONS, {**pool, "soft": soft}, count))
         for metric, attributes, value in events:
-            yield Point(metric, attributes, value)
+            if metric not in skip:
+                yield Point(metric, attributes, value)
 
 
 def default_pool_name(host: str | None, port: int | str | None, database: str | None) -> str:
@@ -198,3 +206,108 @@ def default_pool_name(host: str | None, port: int | str | None, database: str | 
     if server:
         return f"{server}/{database}" if database else server
     return database or "default"
+
+
+# --- hooks shared by the probes of pools with a checkout and a return method (redis,
+# psycopg_pool): the same exactness rules (pending exact under cancellation, CancelledError
+# re-raised, a failure of poolwatch's own counted and never raised), for sync and async pools.
+StatsOf = Callable[[Any], PoolStats | None]
+Make = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def checkout_hook(
+    probe: str,
+    stats_of: StatsOf,
+    key_of: Callable[[Any], int],
+    timed_out: Callable[[BaseException], bool],
+    *,
+    is_async: bool,
+) -> Make:
+    """A ``make`` for ``hooks.wrap`` around a pool's checkout method: wait time, pending
+    requests, timeouts and the start of the use time of the connection it returns."""
+
+    def begin(stats: PoolStats) -> int | None:
+        try:
+            return stats.wait_begin()
+        except Exception as exc:
+            errors.record(probe, exc)
+            return None
+
+    def failed(stats: PoolStats, token: int, exc: BaseException) -> None:
+        try:
+            stats.wait_failed(token, timed_out(exc))
+        except Exception as inner:
+            errors.record(probe, inner)
+
+    def done(stats: PoolStats, token: int, connection: Any) -> None:
+        try:
+            stats.wait_end(token, key_of(connection))
+        except Exception as exc:
+            errors.record(probe, exc)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        if is_async:
+
+            async def checkout_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                stats = stats_of(self)
+                token = None if stats is None else begin(stats)
+                if stats is None or token is None:
+                    return await original(self, *args, **kwargs)
+                try:
+                    connection = await original(self, *args, **kwargs)
+                except BaseException as exc:  # CancelledError too: pending stays exact
+                    failed(stats, token, exc)
+                    raise
+                done(stats, token, connection)
+                return connection
+
+            return checkout_async
+
+        def checkout(self: Any, *args: Any, **kwargs: Any) -> Any:
+            stats = stats_of(self)
+            token = None if stats is None else begin(stats)
+            if stats is None or token is None:
+                return original(self, *args, **kwargs)
+            try:
+                connection = original(self, *args, **kwargs)
+            except BaseException as exc:
+                failed(stats, token, exc)
+                raise
+            done(stats, token, connection)
+            return connection
+
+        return checkout
+
+    return make
+
+
+def return_hook(
+    probe: str, stats_of: StatsOf, key_of: Callable[[Any], int], *, is_async: bool
+) -> Make:
+    """A ``make`` for ``hooks.wrap`` around a pool's return method ``(self, connection, ...)``:
+    the use time of the connection, recorded before the pool takes it back."""
+
+    def returned(pool: Any, connection: Any) -> None:
+        stats = stats_of(pool)
+        if stats is not None:
+            try:
+                stats.returned(key_of(connection))
+            except Exception as exc:
+                errors.record(probe, exc)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        if is_async:
+
+            async def give_back_async(self: Any, connection: Any, *args: Any, **kw: Any) -> Any:
+                returned(self, connection)
+                return await original(self, connection, *args, **kw)
+
+            return give_back_async
+
+        def give_back(self: Any, connection: Any, *args: Any, **kw: Any) -> Any:
+            returned(self, connection)
+            return original(self, connection, *args, **kw)
+
+        return give_back
+
+    return make
