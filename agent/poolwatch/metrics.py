@@ -202,7 +202,7 @@ HTTPX_WAIT_TIME = _m(
     "httpx.client.connection.wait_time",
     HISTOGRAM,
     "s",
-    "Time queued requests waited for a connection.",
+    "Time requests waited for a connection (0 when one was free), per request answered.",
 )
 HTTPX_ERRORS = _m(
     "httpx.client.errors",

@@ -66,4 +66,3 @@ def start_redis() -> Redis:
 def remove(server: Redis) -> None:
     stop_process(server.proc)
     shutil.rmtree(server.root, ignore_errors=True)
-

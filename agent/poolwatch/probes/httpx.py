@@ -7,10 +7,10 @@ transport of a client, each mounted ``HTTPTransport``, a proxy's pool (``HTTPPro
 ``ASGITransport``, a transport of another library) has no connections to count.
 
 - Hot path: class-level wrappers. ``handle_async_request``/``handle_request`` of the pool
-  (errors by type, a pass-through on success: it hands the request its pool's group),
-  ``PoolRequest.wait_for_connection`` (timed only when the request is queued, i.e. no
-  connection was free: the wait time), ``create_connection`` (a new connection: its host and
-  the start of its lifetime).
+  (errors by type; the wait time of every request that got its response: 0 when a connection
+  was free), ``PoolRequest.wait_for_connection`` (timed only when the request is queued, i.e.
+  no connection was free), ``create_connection`` (a new connection: its host and the start of
+  its lifetime).
 - Collect time: open connections per host and state, requests queued per host and the limits
   are read from each pool's private state (httpcore's public API has none of them),
   defensively: a figure this httpcore release keeps elsewhere leaves its series out and is
@@ -115,13 +115,13 @@ def _count_error(pool: Any, request: Any, exc: Exception) -> None:
 
 
 def _count_wait(pool: Any, request: Any) -> None:
-    """A request that queued got its connection: one wait, however many times httpcore
-    re-queued it (a connection that turned out unavailable)."""
+    """A request got its connection and its response: one wait (0 when a connection was
+    free), however many times httpcore re-queued it (a connection that turned out busy)."""
     try:
-        waited = request.__dict__.pop(WAITED, None)
         known = _pools.get(id(pool))
-        if waited is not None and known is not None:
+        if known is not None:
             server, _ = _server(request.url.origin)
+            waited = request.__dict__.pop(WAITED, 0.0)
             _labels.events_for(known.name, server).wait_time.observe(waited)
     except Exception as exc:
         errors.record(PROBE, exc)
@@ -133,11 +133,8 @@ def _make_handle_async(original: Any) -> Any:
             response = await original(self, request)
         except Exception as exc:  # cancellation (a BaseException) is not the upstream's failure
             _count_error(self, request, exc)
-            if WAITED in request.__dict__:  # it got a connection, then the request failed
-                _count_wait(self, request)
             raise
-        if WAITED in request.__dict__:  # only requests that queued
-            _count_wait(self, request)
+        _count_wait(self, request)
         return response
 
     return handle_async_request
@@ -149,11 +146,8 @@ def _make_handle(original: Any) -> Any:
             response = original(self, request)
         except Exception as exc:
             _count_error(self, request, exc)
-            if WAITED in request.__dict__:
-                _count_wait(self, request)
             raise
-        if WAITED in request.__dict__:
-            _count_wait(self, request)
+        _count_wait(self, request)
         return response
 
     return handle_request
@@ -351,6 +345,8 @@ class _Reading:
             self.in_pools.add(id(connection))
             if connection.is_closed():  # still in the pool's list until its next request
                 continue
+            if getattr(connection, "_connection", ...) is None:
+                continue  # not connected yet (or never: its request was cancelled): not open
             state = "idle" if connection.is_idle() else "active"
             self.open[(name, server, scheme, state)] += 1
 

@@ -1,0 +1,326 @@
+"""The other pools of a FastAPI service: redis-py, psycopg_pool and httpx, on real servers.
+
+Debian's redis-server (with a password), PostgreSQL and a loopback HTTP upstream; each pool
+(max 3 connections) saturated by concurrent requests through a real uvicorn app, then in-process
+with hundreds of cancellations at random points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.support import planted
+from tests.support.apps import REPO
+from tests.support.load import Sampler, burst
+from tests.support.net import scrape
+from tests.support.upstream import Upstream
+
+APP = "tests.apps.other_pools_app:app"
+POOL = "db_client_connection_pool_name"
+WAIT, USE = "db_client_connection_wait_time_seconds", "db_client_connection_use_time_seconds"
+TIMEOUTS = "db_client_connection_timeouts_total"
+
+
+def redis_url(redis_server, user: bool = False) -> str:
+    """The app appends the db index."""
+    return redis_server.url(0, user=user)[:-1]
+
+
+def delta(before, after, name: str, **labels: str) -> float:
+    return after.value(name, **labels) - before.value(name, **labels)
+
+
+async def saturate_db_pool(server, route: str, pool: dict[str, str], n: int = 15) -> None:
+    """``n`` concurrent requests hold one of 3 connections for 0.2 s; the pool waits 0.5 s:
+    waves 1-3 get one, the rest time out. Every figure is checked against the statuses."""
+    before = server.scrape()
+    assert before.value("db_client_connection_max", **pool) == 3
+    with Sampler(server.metrics_url) as sampler:
+        statuses = await burst(f"{server.url}{route}?seconds=0.2", n)
+    after = server.scrape()
+    ok, refused = statuses.count(200), statuses.count(503)
+    assert ok + refused == n and ok >= 6 and refused >= 1, statuses
+    used = {"db_client_connection_state": "used", **pool}
+    assert sampler.max("db_client_connection_count", **used) == 3  # peak used = max
+    assert sampler.max("db_client_connection_pending_requests", **pool) > 0
+    assert delta(before, after, TIMEOUTS, **pool) == refused  # failed for want of a connection
+    assert delta(before, after, f"{WAIT}_count", **pool) == ok  # one wait per checkout
+    assert delta(before, after, f"{USE}_count", **pool) == ok
+    assert after.value("db_client_connection_count", **used) == 0  # all back
+    assert after.value("db_client_connection_pending_requests", **pool) == 0
+    assert after.bucket(WAIT, "0.1", **pool) < after.value(f"{WAIT}_count", **pool)  # waited
+
+
+async def test_redis_blocking_pool_saturated(redis_server, app_server):
+    server = app_server(APP, {"REDIS_URL": redis_url(redis_server)})
+    pool = {POOL: f"127.0.0.1:{redis_server.port}/2"}  # host:port/db, never the password
+    await saturate_db_pool(server, "/redis/hold", pool)
+    samples = server.scrape()
+    assert samples.value("db_client_connection_create_time_seconds_count", **pool) == 3
+    assert samples.value("db_client_connection_count", db_client_connection_state="idle", **pool)
+
+
+async def test_redis_default_pool_refusals_count_as_timeouts(redis_server, app_server):
+    """The pool made before instrument(): its MaxConnectionsError are the timeouts."""
+    server = app_server(APP, {"REDIS_URL": redis_url(redis_server, user=True)})
+    pool = {POOL: f"127.0.0.1:{redis_server.port}/1"}
+    before = server.scrape()
+    with Sampler(server.metrics_url) as sampler:
+        statuses = await burst(f"{server.url}/redis/hold?seconds=0.3&early=true", 10)
+    after = server.scrape()
+    ok, refused = statuses.count(200), statuses.count(503)
+    assert ok == 3 and refused == 7, statuses  # it refuses at once: only the first 3 get one
+    used = {"db_client_connection_state": "used", **pool}
+    assert sampler.max("db_client_connection_count", **used) == 3
+    assert delta(before, after, TIMEOUTS, **pool) == refused
+    assert delta(before, after, f"{WAIT}_count", **pool) == ok
+    assert after.value("db_client_connection_count", **used) == 0
+    assert planted.REDIS_USER not in after.text and planted.REDIS_PASSWORD not in after.text
+
+
+async def test_psycopg_pool_saturated(postgres, app_server):
+    server = app_server(APP, {"PG_DSN": postgres.dsn()})
+    pool = {POOL: f"127.0.0.1:{postgres.port}/app"}
+    await saturate_db_pool(server, "/pg/hold", pool)
+    samples = server.scrape()
+    assert samples.value("db_client_connection_idle_min", **pool) == 1
+    assert samples.value("db_client_connection_create_time_seconds_count", **pool) >= 3
+
+
+async def test_httpx_pool_saturated(app_server):
+    """An AsyncClient limited to 3 connections, 9 requests of 0.7 s, 0.5 s pool timeout: the
+    first 3 get a connection, the 6 others wait 0.5 s for one and fail (httpx.PoolTimeout)."""
+    with Upstream() as upstream:
+        server = app_server(APP, {"UPSTREAM_URL": upstream.url})
+        host = {"server_address": "127.0.0.1", "server_port": str(upstream.port)}
+        client = {"httpx_client_name": "default"}
+        active = {"http_connection_state": "active", "url_scheme": "http", **host, **client}
+        await burst(f"{server.url}/httpx/get?delay=0", 1)  # the host is known: series at zero
+        before = server.scrape()
+        assert before.value("httpx_client_connection_limit", scope="total", **client) == 3
+        with Sampler(server.metrics_url) as sampler:
+            statuses = await burst(f"{server.url}/httpx/get?delay=0.7", 9)
+        after = server.scrape()
+    ok, refused = statuses.count(200), statuses.count(503)
+    assert ok == 3 and refused == 6, statuses
+    assert sampler.max("http_client_open_connections", **active) == 3  # peak active = limit
+    assert sampler.max("httpx_client_pending_requests", **host, **client) > 0
+    timeouts = after.find("httpx_client_errors_total", error_type="PoolTimeout", **host)
+    assert sum(s.value for s in timeouts) == refused
+    assert delta(before, after, "httpx_client_connection_wait_time_seconds_count", **host) == ok
+    assert after.value("http_client_open_connections", **active) == 0
+    assert after.value("httpx_client_pending_requests", **host, **client) == 0
+
+
+def test_passwords_never_in_metrics_or_logs(redis_server, postgres, app_server):
+    server = app_server(
+        APP, {"REDIS_URL": redis_url(redis_server, user=True), "PG_DSN": postgres.dsn()}
+    )
+    text = server.scrape().text
+    assert f'pool_name="127.0.0.1:{redis_server.port}/1"' in text
+    assert f'pool_name="127.0.0.1:{redis_server.port}/2"' in text
+    assert f'pool_name="127.0.0.1:{postgres.port}/app"' in text
+    server.stop()
+    for secret in (planted.REDIS_PASSWORD, planted.REDIS_USER, planted.DB_PASSWORD):
+        assert secret not in text and secret not in server.log()
+
+
+# --- in process: cancellations at random points leave every count exact ------------------------
+async def cancel_at_random(work, n: int, seed: int) -> int:
+    """``n`` tasks of ``work()``, each cancelled at a random point of 0-0.3 s; returns how
+    many completed."""
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.create_task(work(rng)) for _ in range(n)]
+    for task in tasks:
+        loop.call_later(rng.uniform(0, 0.3), task.cancel)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+    assert 0 < cancelled < n
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results), results
+    return n - cancelled
+
+
+def assert_pool_at_rest(agent, pool: dict[str, str], checkouts: int) -> None:
+    samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    assert samples.value("db_client_connection_pending_requests", **pool) == 0
+    used = {"db_client_connection_state": "used", **pool}
+    assert samples.value("db_client_connection_count", **used) == 0
+    assert samples.value(f"{WAIT}_count", **pool) == checkouts
+    assert samples.value(f"{USE}_count", **pool) == checkouts
+
+
+async def test_cancelled_redis_checkouts_leave_counts_exact(redis_server, agent):
+    import redis.asyncio
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        redis_server.url(3), max_connections=3, timeout=5
+    )
+    client = redis.asyncio.Redis(connection_pool=pool)
+    done = 0
+
+    async def work(rng: random.Random) -> None:
+        nonlocal done
+        connection = await pool.get_connection()
+        try:
+            done += 1
+            await asyncio.sleep(rng.uniform(0, 0.02))
+        finally:
+            await pool.release(connection)
+
+    await cancel_at_random(work, 300, seed=20261207)
+    await asyncio.sleep(0.1)  # releases cancelled mid-way finish in background tasks
+    assert_pool_at_rest(agent, {POOL: f"127.0.0.1:{redis_server.port}/3"}, done)
+    await client.aclose()
+
+
+async def test_cancelled_psycopg_checkouts_leave_counts_exact(postgres, agent):
+    from psycopg_pool import AsyncConnectionPool
+
+    pool = AsyncConnectionPool(postgres.dsn(), min_size=0, max_size=3, timeout=5, open=False)
+    await pool.open()
+    done = 0
+
+    async def work(rng: random.Random) -> None:
+        nonlocal done
+        async with pool.connection() as conn:
+            done += 1
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            await conn.execute("SELECT 1")
+
+    await cancel_at_random(work, 300, seed=7)
+    await asyncio.sleep(0.2)
+    assert_pool_at_rest(agent, {POOL: f"127.0.0.1:{postgres.port}/app"}, done)
+    await pool.close()
+    later = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    assert not later.find("db_client_connection_count", **{POOL: f"127.0.0.1:{postgres.port}/app"})
+
+
+async def test_cancelled_httpx_requests_leave_counts_exact(agent):
+    import httpx
+
+    with Upstream() as upstream:
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=3))
+        answered = 0
+
+        async def work(rng: random.Random) -> None:
+            nonlocal answered
+            await client.get(f"{upstream.url}/slow?delay={rng.uniform(0, 0.02):.3f}")
+            answered += 1
+
+        await cancel_at_random(work, 200, seed=11)
+        await asyncio.sleep(0.1)
+        samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+        host = {"server_address": "127.0.0.1", "server_port": str(upstream.port)}
+        assert samples.value("httpx_client_pending_requests", **host) == 0
+        active = {"http_connection_state": "active", **host}
+        assert samples.value("http_client_open_connections", **active) == 0
+        assert samples.value("httpx_client_connection_wait_time_seconds_count", **host) == answered
+        assert not samples.find("httpx_client_errors_total", **host)  # a cancel is no error
+        await client.aclose()
+
+
+# --- the sync clients, from threads ---------------------------------------------------------------
+def run_threads(work, n: int) -> list:
+    results: list = []
+
+    def run() -> None:
+        try:
+            work()
+            results.append("ok")
+        except Exception as exc:
+            results.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_sync_redis_and_psycopg_pools_from_threads(redis_server, postgres, agent):
+    import redis
+    from psycopg_pool import ConnectionPool
+
+    rpool = redis.BlockingConnectionPool.from_url(
+        redis_server.url(4), max_connections=3, timeout=0.3
+    )
+    client = redis.Redis(connection_pool=rpool)
+    pg = ConnectionPool(postgres.dsn(), min_size=1, max_size=3, timeout=0.3, open=True)
+
+    def pg_hold() -> None:
+        with pg.connection() as conn:
+            conn.execute("SELECT pg_sleep(0.2)")
+
+    by_pool = {
+        f"127.0.0.1:{redis_server.port}/4": (
+            run_threads(lambda: client.blpop(["poolwatch-test-empty"], timeout=0.2), 10),
+            "ConnectionError",
+        ),
+        f"127.0.0.1:{postgres.port}/app": (run_threads(pg_hold, 10), "PoolTimeout"),
+    }
+    samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    for name, (results, timeout) in by_pool.items():
+        label = {POOL: name}
+        assert set(results) == {"ok", timeout}, results
+        assert samples.value(TIMEOUTS, **label) == results.count(timeout)
+        assert samples.value(f"{WAIT}_count", **label) == results.count("ok")
+        used = {"db_client_connection_state": "used", **label}
+        assert samples.value("db_client_connection_count", **used) == 0
+    client.close()
+    pg.close()
+
+
+def test_sync_httpx_client_from_threads(agent):
+    import httpx
+
+    import poolwatch
+
+    with Upstream() as upstream, httpx.Client(limits=httpx.Limits(max_connections=2)) as client:
+        poolwatch.watch_httpx_client(client, name="sync")
+        results = run_threads(lambda: client.get(f"{upstream.url}/slow?delay=0.1"), 6)
+        samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    assert results == ["ok"] * 6
+    labels = {"httpx_client_name": "sync", "server_port": str(upstream.port)}
+    assert samples.value("httpx_client_connection_wait_time_seconds_count", **labels) == 6
+    # 6 requests on 2 connections: 4 queued, waiting ~0.1 s and ~0.2 s
+    assert samples.bucket("httpx_client_connection_wait_time_seconds", "0.05", **labels) == 2
+    assert (
+        samples.value("httpx_client_connection_limit", scope="total", httpx_client_name="sync") == 2
+    )
+
+
+@pytest.mark.parametrize(
+    "groups", [["CONNECTION_BASIC"], ["CONNECTION_BASIC", "CONNECTION_ADVANCED"]]
+)
+def test_beside_redis_py_own_metrics_no_figure_twice(redis_server, groups):
+    """redis-py >= 7.2 records the connection count and create time (CONNECTION_BASIC), the
+    timeouts and wait time (CONNECTION_ADVANCED) itself once its observability is on: poolwatch
+    leaves those out for redis pools and keeps what redis-py does not record. In a process of
+    its own: redis-py needs the global MeterProvider, which can be set once per process."""
+    pytest.importorskip("redis.observability")
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.apps.redis_otel_check", redis_server.url(5), *groups],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "agent")])},
+    )  # fmt: skip
+    planted.scan(run.stdout + run.stderr, "the output of tests.apps.redis_otel_check")
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.splitlines()[-1])
+    poolwatch, redis_py = set(found["poolwatch"]), set(found["redis_py"])
+    assert "db.client.connection.count" in redis_py  # redis-py's own, recorded
+    assert not poolwatch & {"db_client_connection_count", "db_client_connection_create_time"}
+    advanced = "CONNECTION_ADVANCED" in groups
+    assert ("db_client_connection_wait_time" in poolwatch) is not advanced
+    assert ("db_client_connection_timeouts" in poolwatch) is not advanced
+    # what redis-py does not record, poolwatch still does
+    assert {"db_client_connection_max", "db_client_connection_use_time"} <= poolwatch
