@@ -37,10 +37,6 @@ _stats: dict[int, PoolStats] = {}  # id(pool) -> stats, while the pool lives
 _times_creates = True
 
 
-def _stats_of(pool: Any) -> PoolStats | None:
-    return _stats.get(id(pool))
-
-
 def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, PoolTimeout)
 
@@ -78,13 +74,12 @@ def install(agent: Host, hooks: Hooks) -> None:
     global _times_creates
     _times_creates = True
     hooks.on_undo(_reset)
-    key = id  # a pool's connections are reused objects: keys stay bounded by max_size
     creates = True
     for cls, is_async in ((AsyncConnectionPool, True), (ConnectionPool, False)):
         prefix = "async " if is_async else ""
-        checkout = checkout_hook(PROBE, _stats_of, key, _timed_out, is_async=is_async)
+        checkout = checkout_hook(PROBE, _stats, _timed_out, is_async=is_async)
         hooks.wrap(cls, "getconn", checkout, f"{prefix}(self, timeout)")
-        back = return_hook(PROBE, _stats_of, key, is_async=is_async)
+        back = return_hook(PROBE, _stats, is_async=is_async)
         hooks.wrap(cls, "putconn", back, f"{prefix}(self, conn)")
 
         def make(original: Callable[..., Any], is_async: bool = is_async) -> Callable[..., Any]:

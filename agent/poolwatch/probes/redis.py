@@ -37,7 +37,14 @@ from .._log import errors
 from .._patching import watch_new_instances
 from .._types import Hooks, Host, Stop
 from ..metrics import DB_COUNT, DB_CREATE_TIME, DB_TIMEOUTS, DB_WAIT_TIME, Metric
-from ._pool_stats import PoolGauges, PoolStats, checkout_hook, default_pool_name, return_hook
+from ._pool_stats import (
+    PoolGauges,
+    PoolStats,
+    checkout_hook,
+    default_pool_name,
+    mark_async,
+    return_hook,
+)
 from .leaks import enabled as leak_detection
 
 PROBE = "redis"
@@ -47,10 +54,6 @@ _stats: dict[int, PoolStats] = {}  # id(pool) -> stats, while the pool lives
 _failed: set[str] = set()  # collect-time figures found unreadable (counted once each)
 _lock = threading.Lock()
 _times_creates = True
-
-
-def _stats_of(pool: Any) -> PoolStats | None:
-    return _stats.get(id(pool))
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -79,17 +82,23 @@ def _make_make_connection(original: Callable[..., Any]) -> Callable[..., Any]:
     return make_connection
 
 
-def _make_connect_async(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def connect(self: Any) -> Any:
-        stats = None if self.is_connected else _owner.get(self)
-        if stats is None:  # connected already: the checkout's usual path, one attribute read
-            return await original(self)
-        start = perf_counter()
-        result = await original(self)
-        stats.created(perf_counter() - start)
-        return result
+async def _timed_connect(connect: Any, stats: PoolStats) -> Any:
+    start = perf_counter()
+    result = await connect
+    stats.created(perf_counter() - start)
+    return result
 
-    return connect
+
+def _make_connect_async(original: Callable[..., Any]) -> Callable[..., Any]:
+    def connect(self: Any) -> Any:
+        # Called on every checkout (ensure_connection): when connected already, the usual
+        # path, the coroutine is handed back as it is, with no frame of poolwatch's around it.
+        stats = None if self.is_connected else _owner.get(self)
+        if stats is None:
+            return original(self)
+        return _timed_connect(original(self), stats)
+
+    return mark_async(connect)
 
 
 def _make_connect_sync(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,12 +119,11 @@ def install(agent: Host, hooks: Hooks) -> None:
     global _times_creates
     _times_creates = True
     hooks.on_undo(_reset)
-    key = id  # connections are fixed objects of their pool: keys stay bounded by the pool
     for module, is_async in ((async_connection, True), (sync_connection, False)):
         shape = "async (self, ...)" if is_async else "(self, ...)"
         give_back = "async (self, connection)" if is_async else "(self, connection)"
-        checkout = checkout_hook(PROBE, _stats_of, key, _timed_out, is_async=is_async)
-        back = return_hook(PROBE, _stats_of, key, is_async=is_async)
+        checkout = checkout_hook(PROBE, _stats, _timed_out, is_async=is_async)
+        back = return_hook(PROBE, _stats, is_async=is_async)
         for cls in (module.ConnectionPool, module.BlockingConnectionPool):
             hooks.wrap(cls, "get_connection", checkout, shape)
             hooks.wrap(cls, "release", back, give_back)
