@@ -48,6 +48,7 @@ from ..metrics import (
 )
 from ._http_client import ADDRESS, ERROR_TYPE, PORT, SCHEME, SCOPE, STATE, Events, HostLabels
 from ._http_client import Host as Server
+from ._pool_stats import mark_async
 
 PROBE = "httpx"
 CLIENT = "httpx.client.name"
@@ -161,16 +162,20 @@ def _queued(pool_request: Any, start: float) -> None:
         errors.record(PROBE, exc)
 
 
-def _make_wait_async(original: Any) -> Any:
-    async def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
-        if self.connection is not None:  # a connection was free: no wait (the usual path)
-            return await original(self, timeout)
-        start = perf_counter()  # queued; only completed waits count (a timeout raises)
-        connection = await original(self, timeout)
-        _queued(self, start)
-        return connection
+async def _timed_wait(pool_request: Any, waiting: Any) -> Any:
+    start = perf_counter()  # queued; only completed waits count (a timeout raises)
+    connection = await waiting
+    _queued(pool_request, start)
+    return connection
 
-    return wait_for_connection
+
+def _make_wait_async(original: Any) -> Any:
+    def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
+        if self.connection is not None:  # a connection was free: the usual path, no frame
+            return original(self, timeout)
+        return _timed_wait(self, original(self, timeout))
+
+    return mark_async(wait_for_connection)
 
 
 def _make_wait(original: Any) -> Any:
