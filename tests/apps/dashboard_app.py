@@ -1,6 +1,7 @@
 """Everything the dashboards show, in one app: a SQLAlchemy pool and an asyncpg pool on real
-PostgreSQL, an aiohttp session and an httpx client to an upstream, routed HTTP endpoints and a route that blocks the
-event loop. Pools and the session are made in the lifespan, after ``instrument(app)``.
+PostgreSQL, an aiohttp session and an httpx client to an upstream, routed HTTP endpoints and a
+route that blocks the event loop. Pools and clients are made in the lifespan, after
+``instrument(app)``.
 
 Environment: ``SA_URL`` (async SQLAlchemy URL), ``ASYNCPG_DSN``, ``UPSTREAM_URL``. The pools are
 small (SQLAlchemy 2 + 1 overflow, asyncpg 3; 0.2 s checkout timeout) and the connector allows 2

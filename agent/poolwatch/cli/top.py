@@ -164,7 +164,7 @@ class Screen:
         ]
 
     def hosts(self, snap: Snapshot, previous: Snapshot | None) -> Any:
-        table = _table("HTTP client connections (aiohttp)")
+        table = _table("HTTP client connections (aiohttp, httpx)")
         for column in ("host", "active/limit", "", "idle", "pending", "wait p99"):
             table.add_column(column, justify="left" if column in ("host", "") else "right")
         table.columns[0].no_wrap = True
