@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -328,3 +329,50 @@ def test_beside_redis_py_own_metrics_no_figure_twice(redis_server, groups):
     assert ("db_client_connection_timeouts" in poolwatch) is not advanced
     # what redis-py does not record, poolwatch still does
     assert {"db_client_connection_max", "db_client_connection_use_time"} <= poolwatch
+
+
+# --- downstream: the sidecar of several workers, OTLP -------------------------------------------
+async def test_the_sidecar_and_otlp_carry_the_new_pools(redis_server, postgres, tmp_path):
+    """Two uvicorn workers behind ``poolwatch exporter`` (one target, a ``worker`` label each),
+    and one process pushing OTLP: both carry the redis, psycopg and httpx series."""
+    from tests.support.apps import start_app
+    from tests.support.exporter import run_exporter, start_workers
+    from tests.support.otlp import OtlpReceiver, attributes, instruments
+    from tests.test_otlp import otlp_env
+
+    with Upstream() as upstream:
+        env = {
+            "REDIS_URL": redis_url(redis_server),
+            "PG_DSN": postgres.dsn(),
+            "UPSTREAM_URL": upstream.url,
+        }
+        routes = ["/redis/hold?seconds=0.05", "/pg/hold?seconds=0.05", "/httpx/get?delay=0"]
+        directory = str(tmp_path / "multiproc")
+        workers = start_workers("uvicorn", APP, 2, env | {"POOLWATCH_MULTIPROC_DIR": directory})
+        exporter = run_exporter("--multiproc-dir", directory)
+        try:
+            for route in routes:
+                assert set(await burst(f"{workers.url}{route}", 6)) == {200}
+            samples = exporter.scrape()
+        finally:
+            workers.stop()
+            exporter.stop()
+        for pool in (f"127.0.0.1:{redis_server.port}/2", f"127.0.0.1:{postgres.port}/app"):
+            assert len(samples.find("db_client_connection_max", **{POOL: pool})) == 2  # workers
+        assert samples.find("httpx_client_connection_limit", scope="total")
+
+        async with OtlpReceiver() as receiver:
+            server = start_app(APP, {**env, **otlp_env(receiver.url)})
+            try:
+                for route in routes:
+                    assert set(await burst(f"{server.url}{route}", 3)) == {200}
+                found = instruments(await receiver.export_after(time.monotonic()))
+            finally:
+                server.stop()
+    pools = {
+        attributes(point.attributes).get("db.client.connection.pool.name")
+        for point in found["db.client.connection.max"][1].sum.data_points
+    }
+    assert {f"127.0.0.1:{redis_server.port}/2", f"127.0.0.1:{postgres.port}/app"} <= pools
+    assert "httpx.client.connection.wait_time" in found
+    assert "httpx.client.pending_requests" in found
