@@ -70,7 +70,7 @@ PROBES: dict[str, Line] = {
     "asyncpg": Line("asyncpg", ">=0.29"),
     "leaks": Line(),  # the checker thread of POOLWATCH_LEAK_THRESHOLD (both pool probes)
     "aiohttp": Line("aiohttp", ">=3.10.11,<4"),
-    "httpx": Line("httpcore", ">=1.0.3,<2"),  # httpx's pools are httpcore's
+    "httpx": Line("httpcore", ">=1.0.5,<2"),  # httpx's pools are httpcore's
     "redis": Line("redis", ">=5.0,<9"),
     "psycopg_pool": Line("psycopg_pool", ">=3.2,<4"),
     "loop": Line(),
