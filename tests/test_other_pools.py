@@ -226,8 +226,16 @@ async def test_cancelled_httpx_requests_leave_counts_exact(agent):
         samples = scrape(f"http://127.0.0.1:{agent.metrics_port}/metrics")
         host = {"server_address": "127.0.0.1", "server_port": str(upstream.port)}
         assert samples.value("httpx_client_pending_requests", **host) == 0
-        active = {"http_connection_state": "active", **host}
-        assert samples.value("http_client_open_connections", **active) == 0
+        # what httpcore's pool itself holds: it may keep the connection of a cancelled request
+        # active for good (its own repr says "1 active" then, without poolwatch too)
+        held = client._transport._pool.connections
+        for state, in_state in (
+            ("active", lambda c: not c.is_idle() and c.info() != "CONNECTING"),
+            ("idle", lambda c: c.is_idle()),
+        ):
+            expected = sum(in_state(c) and not c.is_closed() for c in held)
+            labels = {"http_connection_state": state, **host}
+            assert samples.value("http_client_open_connections", **labels) == expected
         assert samples.value("httpx_client_connection_wait_time_seconds_count", **host) == answered
         assert not samples.find("httpx_client_errors_total", **host)  # a cancel is no error
         await client.aclose()

@@ -95,6 +95,7 @@ _open: weakref.WeakKeyDictionary[Any, _Open] = weakref.WeakKeyDictionary()
 # id(connection) -> (weak reference, lifetime), while it lives: a plain dict, so that the
 # exporter thread can snapshot it atomically (unlike a WeakKeyDictionary)
 _lifetimes: dict[int, tuple[weakref.ref[Any], _Lifetime]] = {}
+_known: set[tuple[str, Server, str]] = set()  # (group, host, scheme) seen: exported at zero
 
 
 def _server(origin: Any) -> tuple[Server, str]:
@@ -206,6 +207,7 @@ def _make_create_connection(original: Any) -> Any:
 
 def _opened(group: str, connection: Any, origin: Any) -> None:
     server, scheme = _server(origin)
+    _known.add((group, server, scheme))
     life = _Lifetime(_labels.events_for(group, server))
     _open[connection] = _Open(server, scheme, life)
 
@@ -254,6 +256,7 @@ def install(agent: Host, hooks: Hooks) -> None:
         if not hooks.feature(pool, "create_connection", _make_create_connection, "(self, origin)"):
             _labels.failed.add("duration")
         hooks.wrap(pool, "__init__", watch_new_instances(agent, PROBE, watch), "(self, ...)")
+    agent.registry.add(_SOURCE)
 
 
 def _reset() -> None:
@@ -261,6 +264,7 @@ def _reset() -> None:
     _pools.clear()
     _open.clear()
     _lifetimes.clear()
+    _known.clear()
 
 
 # pools made before instrument() (a client's, a mount's, a proxy's): the agent's one heap walk
@@ -300,8 +304,6 @@ def watch(agent: Host, obj: Any, name: str | None = None) -> None:
             _pools.pop(key, None)
 
         _pools[key] = _Pool(weakref.ref(pool, gone), name or DEFAULT_GROUP)
-        if _SOURCE not in agent.registry.sources():
-            agent.registry.add(_SOURCE)
 
 
 # --- collect time -------------------------------------------------------------------------------
@@ -378,6 +380,9 @@ class _Source:
             _sweep(reading.in_pools, started)
         for (name, server), _ in _labels.snapshot():  # hosts seen by the hooks exist at zero
             reading.pending[(name or DEFAULT_GROUP, server)] += 0
+        for name, server, scheme in list(_known):
+            for state in ("active", "idle"):
+                reading.open[(name, server, scheme, state)] += 0
 
         def labels(name: str, server: Server | None, **more: str) -> dict[str, str]:
             out = {ADDRESS: server[0], PORT: server[1]} if server else {}
