@@ -384,3 +384,49 @@ async def test_the_sidecar_and_otlp_carry_the_new_pools(redis_server, postgres, 
     assert {f"127.0.0.1:{redis_server.port}/2", f"127.0.0.1:{postgres.port}/app"} <= pools
     assert "httpx.client.connection.wait_time" in found
     assert "httpx.client.pending_requests" in found
+
+
+# --- httpx: mounts, and a private figure a release would keep elsewhere -------------------------
+async def test_httpx_mounted_transports_are_measured(clean_agent):
+    import httpx
+
+    import poolwatch
+    from poolwatch.testing import snapshot
+
+    poolwatch.instrument(metrics_port=0)
+    with Upstream() as upstream, Upstream() as other:
+        mounted = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=7))
+        client = httpx.AsyncClient(mounts={f"http://127.0.0.1:{other.port}": mounted})
+        poolwatch.watch_httpx_client(client, name="api")
+        for url in (upstream.url, other.url):
+            assert (await client.get(f"{url}/slow?delay=0")).status_code == 200
+        seen = snapshot()
+        await client.aclose()
+    limits = seen.find("httpx_client_connection_limit", httpx_client_name="api", scope="total")
+    assert sorted(s.value for s in limits) == [107.0]  # 100 (the default) + 7 (the mount's)
+    for port in (upstream.port, other.port):
+        idle = {"http_connection_state": "idle", "server_port": str(port)}
+        assert seen.value("http_client_open_connections", httpx_client_name="api", **idle) == 1
+
+
+async def test_httpx_figure_kept_elsewhere_is_left_out_and_counted_once(clean_agent):
+    import httpx
+
+    import poolwatch
+    from poolwatch.testing import snapshot
+
+    poolwatch.instrument(metrics_port=0)
+    errors = snapshot().value("poolwatch_agent_errors_total", probe="httpx")
+    with Upstream() as upstream:
+        async with httpx.AsyncClient() as client:
+            await client.get(f"{upstream.url}/slow?delay=0")
+            pool = client._transport._pool
+            requests, pool._requests = pool._requests, None  # as if a release moved them
+            try:
+                first, second = snapshot(), snapshot()
+            finally:
+                pool._requests = requests
+    host = {"server_port": str(upstream.port)}
+    assert not first.find("httpx_client_pending_requests", **host)  # not exported, no crash
+    assert first.value("http_client_open_connections", http_connection_state="idle", **host) == 1
+    assert second.value("poolwatch_agent_errors_total", probe="httpx") == errors + 1  # once
