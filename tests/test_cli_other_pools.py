@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import poolwatch
 from poolwatch.cli import advise
 from poolwatch.cli.scrape import parse
 from tests.support.net import get
@@ -28,13 +29,14 @@ async def test_top_and_advise_tell_the_pools_apart(redis_server, postgres, agent
     first = parse(get(url))
     with Upstream() as upstream:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2)) as http:
+            poolwatch.watch_httpx_client(http, name="top")  # its own group: its limit alone
             await asyncio.gather(
                 *(client.blpop(["poolwatch-test-empty"], timeout=0.05) for _ in range(4)),
                 *(pg_hold() for _ in range(6)),
                 *(http.get(f"{upstream.url}/slow?delay=0.05") for _ in range(4)),
             )
             last = parse(get(url))
-        host = f"127.0.0.1:{upstream.port} (httpx default)"
+        host = f"127.0.0.1:{upstream.port} (httpx top)"
     assert last.hosts[host].limit == 2 and last.hosts[host].idle == 2  # top's host row
     assert last.hosts[host].wait_buckets  # its wait p99 column
 
