@@ -223,11 +223,14 @@ def checkout_hook(
     timed_out: Callable[[BaseException], bool],
     *,
     is_async: bool,
+    timeout_only: bool = False,
 ) -> Make:
     """A ``make`` for ``hooks.wrap`` around a pool's checkout method (``watched``: id(pool) ->
     its stats): wait time, pending requests, timeouts and the start of the use time of the
     connection it returns (keyed by ``id(connection)``: a pool's connections are reused
-    objects, so keys stay bounded by its size)."""
+    objects, so keys stay bounded by its size). ``timeout_only``: the method is
+    ``(self, timeout=None)`` (psycopg_pool's ``getconn``), passed on without packing arguments,
+    which is measurably cheaper on the per-checkout path."""
     stats_of = watched.get
 
     def failed(stats: PoolStats, token: int, exc: BaseException) -> None:
@@ -237,6 +240,32 @@ def checkout_hook(
             errors.record(probe, inner)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        if is_async and timeout_only:
+
+            async def checkout_timeout(self: Any, timeout: float | None = None) -> Any:
+                stats = stats_of(id(self))
+                if stats is None:
+                    return await original(self, timeout)
+                token = next(stats.tokens)
+                stats.waiting[token] = perf_counter()
+                try:
+                    connection = await original(self, timeout)
+                except BaseException as exc:  # CancelledError too: pending stays exact
+                    failed(stats, token, exc)
+                    raise
+                try:
+                    now = perf_counter()
+                    waits = stats.wait_time.new  # Histogram.observe, inlined
+                    waits.append(now - stats.waiting.pop(token))
+                    if len(waits) >= FOLD_AT:
+                        stats.wait_time.fold()
+                    stats.held[id(connection)] = now
+                except Exception as exc:
+                    errors.record(probe, exc)
+                return connection
+
+            return checkout_timeout
+
         if is_async:
 
             async def checkout_async(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -290,29 +319,40 @@ def checkout_hook(
     return make
 
 
-def return_hook(probe: str, watched: dict[int, PoolStats], *, is_async: bool) -> Make:
-    """A ``make`` for ``hooks.wrap`` around a pool's return method ``(self, connection, ...)``,
-    sync or async alike: the use time is recorded before the pool takes the connection back,
-    and the wrapper returns what the method returns (an async method's coroutine is handed
-    back unawaited: no second coroutine frame on the per-checkout path)."""
+def return_hook(
+    probe: str, watched: dict[int, PoolStats], *, is_async: bool, param: str = "connection"
+) -> Make:
+    """A ``make`` for ``hooks.wrap`` around a pool's return method ``(self, <param>)`` (its
+    parameter's own name, so that a call by keyword still works), sync or async alike: the use
+    time is recorded before the pool takes the connection back, and the wrapper returns what
+    the method returns (an async method's coroutine is handed back unawaited: no second
+    coroutine frame on the per-checkout path)."""
     stats_of = watched.get
 
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def give_back(self: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
-            stats = stats_of(id(self))
-            if stats is not None:
-                try:
-                    start = stats.held.pop(id(connection), None)
-                    if start is not None:
-                        uses = stats.use_time.new  # Histogram.observe, inlined
-                        uses.append(perf_counter() - start)
-                        if len(uses) >= FOLD_AT:
-                            stats.use_time.fold()
-                except Exception as exc:
-                    errors.record(probe, exc)
-            return original(self, connection, *args, **kwargs)
+    def returned(pool: Any, connection: Any) -> None:
+        stats = stats_of(id(pool))
+        if stats is not None:
+            try:
+                start = stats.held.pop(id(connection), None)
+                if start is not None:
+                    uses = stats.use_time.new  # Histogram.observe, inlined
+                    uses.append(perf_counter() - start)
+                    if len(uses) >= FOLD_AT:
+                        stats.use_time.fold()
+            except Exception as exc:
+                errors.record(probe, exc)
 
-        return mark_async(give_back) if is_async else give_back
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def give_back(self: Any, connection: Any) -> Any:
+            returned(self, connection)
+            return original(self, connection)
+
+        def give_back_conn(self: Any, conn: Any) -> Any:  # psycopg_pool's putconn(conn)
+            returned(self, conn)
+            return original(self, conn)
+
+        wrapper = give_back_conn if param == "conn" else give_back
+        return mark_async(wrapper) if is_async else wrapper
 
     return make
 

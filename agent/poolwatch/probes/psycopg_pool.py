@@ -77,9 +77,11 @@ def install(agent: Host, hooks: Hooks) -> None:
     creates = True
     for cls, is_async in ((AsyncConnectionPool, True), (ConnectionPool, False)):
         prefix = "async " if is_async else ""
-        checkout = checkout_hook(PROBE, _stats, _timed_out, is_async=is_async)
+        checkout = checkout_hook(
+            PROBE, _stats, _timed_out, is_async=is_async, timeout_only=is_async
+        )
         hooks.wrap(cls, "getconn", checkout, f"{prefix}(self, timeout)")
-        back = return_hook(PROBE, _stats, is_async=is_async)
+        back = return_hook(PROBE, _stats, is_async=is_async, param="conn")
         hooks.wrap(cls, "putconn", back, f"{prefix}(self, conn)")
 
         def make(original: Callable[..., Any], is_async: bool = is_async) -> Callable[..., Any]:
