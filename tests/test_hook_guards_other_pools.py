@@ -24,7 +24,7 @@ HOOKS = [
         "httpx_client_connection_wait_time_seconds_count",
     ),
     ("psycopg_pool", "psycopg_pool:AsyncConnectionPool", "_connect", "create_time"),
-    ("redis", "redis.asyncio.connection:AbstractConnection", "connect", "create_time"),
+    ("redis", "redis.asyncio.connection:ConnectionPool", "make_connection", "create_time"),
 ]
 
 

@@ -8,8 +8,9 @@
 - Collect time: ``max_connections`` is public; the idle connections are private state, read
   defensively (a release that moved them leaves ``state="idle"`` out, counted once); the used
   count is poolwatch's own count of checked-out connections, exact from the hooks.
-- ``create_time``: ``AbstractConnection.connect`` (socket, handshake, AUTH, SELECT) of a
-  connection that was not connected yet; a feature hook, left out if it changed.
+- ``create_time``: the first ``connect()`` (socket, AUTH, SELECT, HELLO) of each connection
+  the pool makes (``make_connection``, a feature hook: left out if it changed), timed by a
+  one-shot wrapper on the connection itself, so that checkouts pay nothing for it.
 - redis-py >= 7.2 records some of these figures itself when its OpenTelemetry metrics are on
   (``redis.observability``): poolwatch then leaves those series out for redis pools (see
   ``_left_out``), so that no figure is counted twice.
@@ -42,7 +43,6 @@ from ._pool_stats import (
     PoolStats,
     checkout_hook,
     default_pool_name,
-    mark_async,
     return_hook,
 )
 from .leaks import enabled as leak_detection
@@ -64,54 +64,57 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ConnectionError) and str(exc) in TIMEOUT_MESSAGES
 
 
-# --- create_time: a connection's first connect (and reconnects), not every checkout ----------
-_owner: weakref.WeakKeyDictionary[Any, PoolStats] = weakref.WeakKeyDictionary()
+# --- create_time: the first connect of each connection the pool makes ------------------------
+# ``connect()`` runs on every checkout (``ensure_connection``): rather than a class-level hook
+# there, each new connection gets, on the instance, a one-shot wrapper that times its first
+# connect (socket, AUTH, SELECT, HELLO) and takes itself off; later checkouts call the class's
+# own method, with nothing of poolwatch's in between.
+CONNECT = "connect"
 
 
-def _make_make_connection(original: Callable[..., Any]) -> Callable[..., Any]:
-    def make_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
-        connection = original(self, *args, **kwargs)
-        stats = _stats.get(id(self))
-        if stats is not None:
-            try:
-                _owner[connection] = stats
-            except Exception as exc:
-                errors.record(PROBE, exc)
-        return connection
+def _time_first_connect(connection: Any, stats: PoolStats, is_async: bool) -> None:
+    attributes = connection.__dict__
+    if CONNECT in attributes:  # timed already (a subclass's make_connection calling its base's)
+        return
+    connect = connection.connect  # the class's method, bound
 
-    return make_connection
+    if is_async:
 
+        async def first_connect_async() -> Any:
+            attributes.pop(CONNECT, None)
+            start = perf_counter()
+            result = await connect()
+            stats.created(perf_counter() - start)
+            return result
 
-async def _timed_connect(connect: Any, stats: PoolStats) -> Any:
-    start = perf_counter()
-    result = await connect
-    stats.created(perf_counter() - start)
-    return result
+        attributes[CONNECT] = first_connect_async
+        return
 
-
-def _make_connect_async(original: Callable[..., Any]) -> Callable[..., Any]:
-    def connect(self: Any) -> Any:
-        # Called on every checkout (ensure_connection): when connected already, the usual
-        # path, the coroutine is handed back as it is, with no frame of poolwatch's around it.
-        stats = None if self.is_connected else _owner.get(self)
-        if stats is None:
-            return original(self)
-        return _timed_connect(original(self), stats)
-
-    return mark_async(connect)
-
-
-def _make_connect_sync(original: Callable[..., Any]) -> Callable[..., Any]:
-    def connect(self: Any) -> Any:
-        stats = None if getattr(self, "_sock", None) is not None else _owner.get(self)
-        if stats is None:
-            return original(self)
+    def first_connect() -> Any:
+        attributes.pop(CONNECT, None)
         start = perf_counter()
-        result = original(self)
+        result = connect()
         stats.created(perf_counter() - start)
         return result
 
-    return connect
+    attributes[CONNECT] = first_connect
+
+
+def _make_make_connection(is_async: bool) -> Callable[..., Any]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def make_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+            connection = original(self, *args, **kwargs)
+            stats = _stats.get(id(self))
+            if stats is not None:
+                try:
+                    _time_first_connect(connection, stats, is_async)
+                except Exception as exc:
+                    errors.record(PROBE, exc)
+            return connection
+
+        return make_connection
+
+    return make
 
 
 # --- the probe contract (probes/__init__.py) ------------------------------------------------
@@ -127,17 +130,12 @@ def install(agent: Host, hooks: Hooks) -> None:
         for cls in (module.ConnectionPool, module.BlockingConnectionPool):
             hooks.wrap(cls, "get_connection", checkout, shape)
             hooks.wrap(cls, "release", back, give_back)
-        connect = _make_connect_async if is_async else _make_connect_sync
-        creates = hooks.feature(
-            module.ConnectionPool, "make_connection", _make_make_connection, "(self)"
-        ) and hooks.feature(
-            module.AbstractConnection, "connect", connect, "async (self)" if is_async else "(self)"
-        )
+        # create_time alone needs these: the probe runs on without them
+        make = _make_make_connection(is_async)
+        creates = hooks.feature(module.ConnectionPool, "make_connection", make, "(self)")
         _times_creates = _times_creates and creates
         if "make_connection" in vars(module.BlockingConnectionPool):  # the sync one's own
-            hooks.feature(
-                module.BlockingConnectionPool, "make_connection", _make_make_connection, "(self)"
-            )
+            hooks.feature(module.BlockingConnectionPool, "make_connection", make, "(self)")
         # BlockingConnectionPool.__init__ calls this one: its pools are watched there too
         watch_new = watch_new_instances(agent, PROBE, watch)
         hooks.wrap(module.ConnectionPool, "__init__", watch_new, "(self, ...)")
@@ -148,7 +146,6 @@ def _reset() -> None:
     for stats in list(_stats.values()):
         stats.detach()
     _stats.clear()
-    _owner.clear()
     _failed.clear()
     _times_creates = True
 
