@@ -11,6 +11,7 @@ import pytest
 from tests.support.apps import AppServer, start_app
 from tests.support.net import free_port
 from tests.support.postgres import Postgres, remove, start_postgres
+from tests.support.redis import Redis, start_redis
 
 # every test is scanned for the planted secrets leaking into its outputs (issue 11)
 pytest_plugins = ["tests.support.secret_scan"]
@@ -45,6 +46,16 @@ def postgres() -> Postgres:
     pg = start_postgres()
     yield pg
     remove(pg)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Redis:
+    """Debian's redis-server with a password, on a free port, for the whole session."""
+    from tests.support import redis
+
+    server = start_redis()
+    yield server
+    redis.remove(server)
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ async def drive(bases: list[str], seconds: float) -> None:
                 batch += [get(f"{base}/db/sqlalchemy?hold=0.3") for _ in range(5)]
                 batch += [get(f"{base}/db/asyncpg?hold=0.3") for _ in range(5)]
                 batch += [get(f"{base}/upstream?delay=0.2") for _ in range(5)]
+                batch += [get(f"{base}/upstream/httpx?delay=0.2") for _ in range(4)]
                 batch += [
                     get(f"{base}/upstream?close=true"),
                     get(f"{base}/db/invalidate"),

@@ -51,6 +51,23 @@ def test_the_ranges_are_those_of_pyproject_extras():
         }
 
 
+# probe -> (the library it hooks, the pyproject extra that installs it)
+NEWER = {"httpx": ("httpcore", "httpx"), "redis": ("redis", "redis"),
+         "psycopg_pool": ("psycopg-pool", "psycopg-pool")}  # fmt: skip
+
+
+def test_the_newer_probes_ranges_are_in_their_extras():
+    """The range of httpcore (the httpx probe hooks it), redis and psycopg_pool is the one
+    their extra installs."""
+    with open(f"{REPO}/pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for probe, (distribution, extra) in NEWER.items():
+        declared = {Requirement(r).name.lower(): Requirement(r) for r in extras[extra]}
+        assert str(declared[distribution].specifier) == str(
+            Requirement(f"{distribution}{probes.PROBES[probe].supported}").specifier
+        ), probe
+
+
 @pytest.mark.parametrize(
     ("version", "spec", "inside"),
     [
@@ -177,7 +194,9 @@ def test_every_probe_follows_the_contract():
         ):
             found = list(inspect.signature(getattr(module, function)).parameters)
             assert len(found) == len(parameters), (name, function, found)
-        if library in LIBRARIES:
-            assert isinstance(module.WATCHES, type), name
+        if library is not None:  # a class, or the classes of sync and async pools
+            watched = module.WATCHES
+            classes = watched if isinstance(watched, tuple) else (watched,)
+            assert classes and all(isinstance(c, type) for c in classes), name
         else:
             assert module.WATCHES is None, name

@@ -12,6 +12,9 @@ from .agent import (
     watch_asyncpg_pool,
     watch_engine,
     watch_event_loop,
+    watch_httpx_client,
+    watch_psycopg_pool,
+    watch_redis_pool,
 )
 from .config import ConfigError
 
@@ -24,4 +27,7 @@ __all__ = [
     "watch_asyncpg_pool",
     "watch_engine",
     "watch_event_loop",
+    "watch_httpx_client",
+    "watch_psycopg_pool",
+    "watch_redis_pool",
 ]

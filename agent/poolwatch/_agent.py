@@ -172,8 +172,10 @@ class Agent:
         adopters: dict[type, Probe] = {}
         for module in self._probes.values():
             if module is not None and module.WATCHES is not None:
-                for cls in subclasses(module.WATCHES):
-                    adopters.setdefault(cls, module)
+                watched = module.WATCHES  # a class, or a tuple of classes with no common base
+                for base in watched if isinstance(watched, tuple) else (watched,):
+                    for cls in subclasses(base):
+                        adopters.setdefault(cls, module)
         if not adopters:
             return
         heap = gc.get_objects()

@@ -116,8 +116,9 @@ class Probe(Protocol):
         ...
 
     @property
-    def WATCHES(self) -> type | None:
-        """The class whose instances made before ``instrument()`` it adopts (None: none)."""
+    def WATCHES(self) -> type | tuple[type, ...] | None:
+        """The class whose instances made before ``instrument()`` it adopts (None: none; a
+        tuple: the classes of a library whose sync and async pools share no base)."""
         ...
 
     def install(self, agent: Host, hooks: Hooks) -> None: ...

@@ -31,6 +31,9 @@ __all__ = [
     "watch_asyncpg_pool",
     "watch_engine",
     "watch_event_loop",
+    "watch_httpx_client",
+    "watch_psycopg_pool",
+    "watch_redis_pool",
 ]
 
 agent = Agent()
@@ -172,6 +175,23 @@ def watch_asyncpg_pool(pool: Any, name: str | None = None) -> Any:
 def watch_aiohttp_session(session: Any, name: str | None = None) -> Any:
     """Measure one ``aiohttp.ClientSession`` (``name`` groups its series under that name)."""
     return _watch("aiohttp", "watch_aiohttp_session", session, name)
+
+
+def watch_httpx_client(client: Any, name: str | None = None) -> Any:
+    """Measure the pools of one ``httpx.AsyncClient``/``Client`` (its transport's and its
+    mounts'); ``name`` groups their series under ``httpx_client_name``."""
+    return _watch("httpx", "watch_httpx_client", client, name)
+
+
+def watch_redis_pool(pool: Any, name: str | None = None) -> Any:
+    """Measure one redis-py ``ConnectionPool`` (``client.connection_pool``); ``name`` overrides
+    the default ``host:port/db``."""
+    return _watch("redis", "watch_redis_pool", pool, name)
+
+
+def watch_psycopg_pool(pool: Any, name: str | None = None) -> Any:
+    """Measure one ``psycopg_pool`` pool (``name`` overrides the default)."""
+    return _watch("psycopg_pool", "watch_psycopg_pool", pool, name)
 
 
 def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> Stop:

@@ -184,6 +184,34 @@ AIOHTTP_ERRORS = _m(
     "Requests that raised (e.g. a refused connection), by server and error.type.",
 )
 
+# --- httpx client connection pools (httpcore's); the open connections and their lifetimes are
+# the http.client.* set above, labelled httpx.client.name ---
+HTTPX_LIMIT = _m(
+    "httpx.client.connection.limit",
+    GAUGE,
+    "{connection}",
+    "httpx Limits: max_connections (scope=total) and max_keepalive_connections (scope=keepalive).",
+)
+HTTPX_PENDING = _m(
+    "httpx.client.pending_requests",
+    UPDOWN,
+    "{request}",
+    "Requests queued for a connection by the pool's limits.",
+)
+HTTPX_WAIT_TIME = _m(
+    "httpx.client.connection.wait_time",
+    HISTOGRAM,
+    "s",
+    "Time requests waited for a connection (0 when one was free), per request answered.",
+)
+HTTPX_ERRORS = _m(
+    "httpx.client.errors",
+    COUNTER,
+    "{error}",
+    "Requests that raised in the connection pool (PoolTimeout, ConnectError...), by server "
+    "and error.type.",
+)
+
 # --- HTTP server ---
 # semconv: known http.request.method values are kept, any other is "_OTHER" (a scanner's method
 # is no label)

@@ -1,10 +1,12 @@
 """Everything the dashboards show, in one app: a SQLAlchemy pool and an asyncpg pool on real
-PostgreSQL, an aiohttp session to an upstream, routed HTTP endpoints and a route that blocks the
-event loop. Pools and the session are made in the lifespan, after ``instrument(app)``.
+PostgreSQL, an aiohttp session and an httpx client to an upstream, routed HTTP endpoints and a
+route that blocks the event loop. Pools and clients are made in the lifespan, after
+``instrument(app)``.
 
 Environment: ``SA_URL`` (async SQLAlchemy URL), ``ASYNCPG_DSN``, ``UPSTREAM_URL``. The pools are
 small (SQLAlchemy 2 + 1 overflow, asyncpg 3; 0.2 s checkout timeout) and the connector allows 2
-connections per host, so a modest load fills them, queues and times out.
+connections per host (the httpx client 2 in all), so a modest load fills them, queues and
+times out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 import aiohttp
 import asyncpg
+import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc, text
@@ -37,7 +40,9 @@ async def lifespan(app: FastAPI):
         connector=aiohttp.TCPConnector(limit=4, limit_per_host=2),
         timeout=aiohttp.ClientTimeout(total=10),
     )
+    state["httpx"] = httpx.AsyncClient(limits=httpx.Limits(max_connections=2), timeout=10)
     yield
+    await state["httpx"].aclose()
     await state["session"].close()
     await state["pool"].close()
     await state["engine"].dispose()
@@ -81,6 +86,12 @@ async def upstream(delay: float = 0.2, close: bool = False):
     url = f"{os.environ['UPSTREAM_URL']}/{'close' if close else 'slow'}"
     async with state["session"].get(url, params={"delay": str(delay)}) as response:
         return {"status": response.status, "body": await response.json()}
+
+
+@app.get("/upstream/httpx")
+async def upstream_httpx(delay: float = 0.2):
+    response = await state["httpx"].get(f"{os.environ['UPSTREAM_URL']}/slow?delay={delay}")
+    return {"status": response.status_code}
 
 
 def slow_helper(seconds: float) -> None:

@@ -26,6 +26,8 @@ URL_USER = "alice-7f3"  # basic auth in an upstream URL ...
 URL_PASSWORD = "pw-Secr3t-91"
 URL_TOKEN = "tok-abc-123"  # ... and a token in its query string
 METRICS_TOKEN = "tok-Secr3t-9"  # POOLWATCH_METRICS_TOKEN
+REDIS_PASSWORD = "rd-Secr3t-5521"  # the test redis-server's requirepass, in every redis URL
+REDIS_USER = "rd-user-77"  # an ACL user in a redis URL (redis://user:password@...)
 
 
 def with_credentials(url: str) -> str:

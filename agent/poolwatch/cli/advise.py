@@ -54,6 +54,19 @@ class Observation:
     pool_size: float | None = None  # SQLAlchemy pool_size / asyncpg max_size, now
     max: float | None = None  # now
     sqlalchemy: bool = False
+    idle_min: float | None = None  # asyncpg, psycopg_pool: min_size (redis pools have none)
+
+    @property
+    def kind(self) -> str:
+        """The library, told by the series its probe exports: SQLAlchemy alone has overflow,
+        asyncpg idle max and min, psycopg_pool idle min only, redis max only."""
+        if self.sqlalchemy:
+            return "SQLAlchemy"
+        if self.max is None:
+            return "pool"
+        if self.pool_size is not None:
+            return "asyncpg"
+        return "psycopg_pool" if self.idle_min is not None else "redis"
 
     @property
     def rate(self) -> float:
@@ -118,6 +131,7 @@ def from_snapshots(first: Snapshot, last: Snapshot, samples: list[Snapshot], sec
         obs.hold_sum += row.use_sum - (before.use_sum if before else 0)
         obs.hold_count += row.use_count - (before.use_count if before else 0)
         obs.pool_size = _max(obs.pool_size, row.idle_max)
+        obs.idle_min = _max(obs.idle_min, row.idle_min)
         obs.max = _max(obs.max, row.max)
         obs.sqlalchemy = obs.sqlalchemy or row.overflow is not None
         for snap in samples:
@@ -269,11 +283,12 @@ def run(args: Any) -> int:
         if reserved is None:
             reserved = int(server.get("reserved", POSTGRES_RESERVED))
         budget = Budget(int(max_connections), reserved, processes, how)
-        advised = [recommend(o) for o in observations]
-        now = [o.max for o in observations]
+        postgres = [o for o in observations if o.kind != "redis"]  # not the database's
+        advised = [recommend(o) for o in postgres]
+        now = [o.max for o in postgres]
         per_process_now = None if None in now else sum(n for n in now if n is not None)
         per_process_advised = sum(
-            a.total if a else int(o.max or 0) for a, o in zip(advised, observations, strict=True)
+            a.total if a else int(o.max or 0) for a, o in zip(advised, postgres, strict=True)
         )
         print()
         for line in fleet_lines(budget, per_process_now, per_process_advised):
@@ -284,7 +299,7 @@ def run(args: Any) -> int:
 def report(observations: list[Observation], where: str) -> list[str]:
     lines = [f"poolwatch advise · {where}"]
     for obs in observations:
-        kind = "SQLAlchemy" if obs.sqlalchemy else "asyncpg" if obs.max is not None else "pool"
+        kind = obs.kind
         lines.append("")
         processes = f"{obs.processes} process{'es' if obs.processes != 1 else ''}"
         lines.append(f"{obs.pool} ({kind}, {processes}){_now(obs)}")
@@ -301,6 +316,8 @@ def report(observations: list[Observation], where: str) -> list[str]:
             continue
         if obs.sqlalchemy or obs.max is None:
             sizes = f"pool_size={advice.pool_size} max_overflow={advice.max_overflow}"
+        elif kind == "redis":  # no minimum: connections are opened on demand and kept
+            sizes = f"max_connections={advice.total}"
         else:
             sizes = f"min_size={advice.pool_size} max_size={advice.total}"
         lines.append(f"  recommend  {sizes}: {advice.reasoning}")
@@ -410,6 +427,7 @@ class Prometheus:
             f"max {by} (max_over_time(({used} + ignoring({STATE}) {pending})[{r}:]))"
         )
         pool_size, maximum = last(m.DB_IDLE_MAX.sample()), last(m.DB_MAX.sample())
+        idle_min = last(m.DB_IDLE_MIN.sample())
         sqlalchemy = last(m.SA_OVERFLOW.sample())
         out = []
         for pool, count in sorted(processes.items()):
@@ -427,6 +445,7 @@ class Prometheus:
                 pool_size=pool_size.get(pool),
                 max=maximum.get(pool),
                 sqlalchemy=pool in sqlalchemy,
+                idle_min=idle_min.get(pool),
             )
             obs.hold_buckets = {
                 float(labels["le"]): value for labels, value in buckets if labels.get(POOL) == pool

@@ -37,6 +37,7 @@ class PoolRow:
     pool: str = ""  # the pool name label itself
     worker: str | None = None
     idle_max: float | None = None  # SQLAlchemy pool_size; asyncpg max_size
+    idle_min: float | None = None  # asyncpg and psycopg_pool min_size (redis has none)
     overflow: float | None = None  # SQLAlchemy only
     leaks: float = 0
     wait_buckets: Buckets = field(default_factory=dict)
@@ -47,10 +48,12 @@ class PoolRow:
 
 @dataclass
 class HostRow:
-    """An aiohttp upstream (``server_address:server_port``) of one process."""
+    """An upstream (``server_address:server_port``) of one process: of its aiohttp sessions,
+    or of one httpx client (``client``, its ``httpx_client_name``)."""
 
     name: str
     worker: str | None = None
+    client: str | None = None  # the httpx client; None: aiohttp
     active: float = 0
     idle: float = 0
     limit: float | None = None  # limit_per_host, else the connector's limit; None: unlimited
@@ -88,6 +91,7 @@ class Snapshot:
 _POOL_FIELDS = {
     m.DB_MAX.sample(): "max",
     m.DB_IDLE_MAX.sample(): "idle_max",
+    m.DB_IDLE_MIN.sample(): "idle_min",
     m.DB_PENDING.sample(): "pending",
     m.DB_TIMEOUTS.sample(): "timeouts",
     m.DB_WAIT_TIME.sample("count"): "wait_count",
@@ -98,7 +102,8 @@ _POOL_FIELDS = {
     m.LEAKS.sample(): "leaks",
 }
 # the families of HTTP client and event-loop series (http.client.*, aiohttp.*, asyncio.*)
-_HOST_PREFIXES = ("http_client_", "aiohttp_client_")
+_HOST_PREFIXES = ("http_client_", "aiohttp_client_", "httpx_client_")
+HTTPX_CLIENT = m.prom_label("httpx.client.name")
 _LOOP_PREFIXES = ("asyncio_event_loop_", "asyncio_tasks")
 _HOST = ("server_address", "server_port")
 
@@ -113,6 +118,7 @@ def parse(text: str) -> Snapshot:
     totals: dict[str, float] = defaultdict(float)
     # worker -> scope -> connector limits not labelled by host (0 means unlimited in aiohttp)
     limits: dict[str | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    httpx_limits: dict[tuple[str | None, str], float] = {}  # (worker, client) -> max_connections
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
@@ -125,9 +131,14 @@ def parse(text: str) -> Snapshot:
                     _host_sample(snap, labels, worker, name, value)
                 elif name == m.AIOHTTP_LIMIT.sample():
                     limits[worker][labels.get("scope", "total")] += value
+                elif name == m.HTTPX_LIMIT.sample() and labels.get("scope") == "total":
+                    httpx_limits[(worker, labels.get(HTTPX_CLIENT, ""))] = value
             elif name.startswith(_LOOP_PREFIXES):
                 _loop_sample(snap, worker or "", name, labels, value)
     for host in snap.hosts.values():
+        if host.client is not None:
+            host.limit = httpx_limits.get((host.worker, host.client)) or None
+            continue
         scopes = limits.get(host.worker, {})
         if host.limit is None:
             host.limit = scopes.get("per_host") or scopes.get("total") or None
@@ -157,8 +168,10 @@ def _pool_sample(
 
 
 def _host_sample(snap: Snapshot, labels: dict, worker: str | None, name: str, value: float):
-    key = _key(f"{labels['server_address']}:{labels['server_port']}", worker)
-    row = snap.hosts.setdefault(key, HostRow(key, worker))
+    client = labels.get(HTTPX_CLIENT)
+    host = f"{labels['server_address']}:{labels['server_port']}"
+    key = _key(host if client is None else f"{host} (httpx {client})", worker)
+    row = snap.hosts.setdefault(key, HostRow(key, worker, client))
     if name == m.HTTP_CLIENT_OPEN.sample():
         state = labels.get("http_connection_state")
         if state in ("active", "idle"):
@@ -168,6 +181,10 @@ def _host_sample(snap: Snapshot, labels: dict, worker: str | None, name: str, va
     elif name == m.AIOHTTP_PENDING.sample():
         row.pending = value
     elif name == m.AIOHTTP_WAIT_TIME.sample("bucket"):
+        row.wait_buckets[_le(labels)] = value
+    elif name == m.HTTPX_PENDING.sample():
+        row.pending = value
+    elif name == m.HTTPX_WAIT_TIME.sample("bucket"):
         row.wait_buckets[_le(labels)] = value
 
 

@@ -168,7 +168,7 @@ class Screen:
         ]
 
     def hosts(self, snap: Snapshot, previous: Snapshot | None) -> Any:
-        table = _table("HTTP client connections (aiohttp)")
+        table = _table("HTTP client connections (aiohttp, httpx)")
         for column in ("host", "active/limit", "", "idle", "pending", "wait p99"):
             _column(table, column)
         for row in snap.hosts.values():

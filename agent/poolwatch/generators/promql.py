@@ -66,18 +66,25 @@ def loop_lag_p99(window: str) -> str:
 
 
 def http_client_utilization(window: str) -> str:
-    # per upstream host against limit_per_host where one is set, and the connector's total
-    # against its limit; a limit of 0 is aiohttp's "unlimited" and is left out
+    # aiohttp: per upstream host against limit_per_host where one is set, and the connector's
+    # total against its limit; a limit of 0 is aiohttp's "unlimited" and is left out.
+    # httpx: a client's pools (labelled httpx_client_name) against max_connections; an
+    # unlimited pool exports no limit. Each side's series carry labels the other's lack, so
+    # neither is divided by the other's limit.
     active = series(m.HTTP_CLIENT_OPEN, f'{HTTP_STATE}="active"')
     per_host = series(m.AIOHTTP_LIMIT, 'scope="per_host"')
     total = series(m.AIOHTTP_LIMIT, 'scope="total"')
+    httpx_total = series(m.HTTPX_LIMIT, 'scope="total"')
     return (
         f"sum without ({HTTP_STATE}, {SCHEME}) ({active})\n"
         f"/ ignoring ({SERVER}) group_left\n"
         f"  max without (scope) ({per_host} > 0)\n"
         "or\n"
         f"sum without ({HTTP_STATE}, {SCHEME}, {SERVER}) ({active})\n"
-        f"/ max without (scope) ({total} > 0)"
+        f"/ max without (scope) ({total} > 0)\n"
+        "or\n"
+        f"sum without ({HTTP_STATE}, {SCHEME}, {SERVER}) ({active})\n"
+        f"/ max without (scope) ({httpx_total} > 0)"
     )
 
 

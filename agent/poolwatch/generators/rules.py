@@ -119,8 +119,9 @@ SIGNALS: tuple[Signal, ...] = (
         "HttpClientPool",
         "max",
         "humanizePercentage",
-        f"aiohttp connections of {{{{ $labels.job }}}} to {_HOST} are {_PERCENT} used",
-        f"{_WHERE}: the aiohttp connector uses {_PERCENT} of its connection limit for {_HOST} "
+        f"HTTP client connections of {{{{ $labels.job }}}} to {_HOST} are {_PERCENT} used",
+        f"{_WHERE}: the aiohttp connector (or, with an httpx_client_name label, that httpx "
+        f"client's pool) uses {_PERCENT} of its connection limit for {_HOST} "
         "(busiest worker), above $threshold for $for. At 100% outgoing requests queue for a "
         "connection.",
     ),

@@ -16,8 +16,9 @@ agent (``poolwatch._agent``) drives every probe the same way, in this order:
    on with the others. ``hooks.feature`` is for a hook one series needs: a changed target
    leaves that series out. State set up beside the hooks is registered with ``hooks.on_undo``.
 3. ``WATCHES`` and ``existing(agent, obj)``: the class whose instances made before
-   ``instrument()`` the probe adopts (``None``: none). The agent walks the heap once for every
-   probe and hands each instance of exactly that class or a subclass to ``existing``.
+   ``instrument()`` the probe adopts (``None``: none; a tuple of classes for a library whose
+   sync and async pools share no base). The agent walks the heap once for every probe and
+   hands each instance of exactly that class or a subclass to ``existing``.
 4. ``watch(agent, obj, name=None)``: measure one object, from the public ``watch_*()`` function,
    from a creation hook (``_patching.watch_new_instances``) or from ``existing``. Idempotent;
    ``name`` renames. State placed on the object is undone through ``agent.add_undo``.
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the type checker holds every probe module to the contract (_types.Probe)
     from .._types import Probe
-    from . import aiohttp, asyncpg, http_server, leaks, loop, sqlalchemy
+    from . import aiohttp, asyncpg, http_server, httpx, leaks, loop, psycopg_pool, redis, sqlalchemy
 
     _sqlalchemy: Probe = sqlalchemy
     _asyncpg: Probe = asyncpg
@@ -50,6 +51,9 @@ if TYPE_CHECKING:  # the type checker holds every probe module to the contract (
     _aiohttp: Probe = aiohttp
     _loop: Probe = loop
     _http_server: Probe = http_server
+    _httpx: Probe = httpx
+    _redis: Probe = redis
+    _psycopg_pool: Probe = psycopg_pool
 
 
 class Line(NamedTuple):
@@ -66,6 +70,9 @@ PROBES: dict[str, Line] = {
     "asyncpg": Line("asyncpg", ">=0.29"),
     "leaks": Line(),  # the checker thread of POOLWATCH_LEAK_THRESHOLD (both pool probes)
     "aiohttp": Line("aiohttp", ">=3.10.11,<4"),
+    "httpx": Line("httpcore", ">=1.0.5,<2"),  # httpx's pools are httpcore's
+    "redis": Line("redis", ">=5.0,<9"),
+    "psycopg_pool": Line("psycopg_pool", ">=3.2,<4"),
     "loop": Line(),
     "http_server": Line(),  # requests come through PoolwatchMiddleware
 }

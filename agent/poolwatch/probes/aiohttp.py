@@ -19,7 +19,6 @@ share one group) and summed per host, so one-session-per-request code stays boun
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import Counter
 from time import perf_counter
@@ -29,12 +28,10 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector
 
-from .._histogram import Histogram
 from .._log import errors
 from .._patching import subclasses, watch_new_instances
 from .._types import Hooks, Stop
 from .._types import Host as Agent
-from ..config import Settings
 from ..metrics import (
     AIOHTTP_ERRORS,
     AIOHTTP_LIMIT,
@@ -44,10 +41,10 @@ from ..metrics import (
     HTTP_CLIENT_OPEN,
     Point,
 )
+from ._http_client import ADDRESS, ERROR_TYPE, PORT, SCHEME, SCOPE, STATE, Events, Host, HostLabels
 
 PROBE = "aiohttp"
 STATE_ATTR = "_poolwatch_state"  # on watched connectors
-OTHER = ("other", "")  # server.address/server.port of hosts beyond the cap
 
 # Private connector attributes read at collect time. Present with these shapes in aiohttp
 # 3.9-3.14 (dict of ConnectionKey -> sequence/set); ``_acquired_per_host`` is only filled when
@@ -59,28 +56,13 @@ ACQUIRED_ATTR = "_acquired"
 WAITERS_ATTR = "_waiters"
 WAIT_METHOD = "_wait_for_available_connection"  # aiohttp >= 3.10.11
 
-ADDRESS, PORT, SCHEME = "server.address", "server.port", "url.scheme"
-STATE, SCOPE, ERROR_TYPE = "http.connection.state", "scope", "error.type"
 SESSION = "aiohttp.client.session.name"
-
-Host = tuple[str, str]  # (server.address, server.port) after the cap
-
-
-class _Events:
-    """What happened to one (session name, host): recorded on the loop, read at collect time."""
-
-    __slots__ = ("duration", "errors", "wait_time")
-
-    def __init__(self) -> None:
-        self.wait_time = Histogram()
-        self.duration = Histogram()
-        self.errors: Counter[str] = Counter()
 
 
 class _Open(NamedTuple):
     host: Host
     scheme: str
-    events: _Events
+    events: Events
     since: float | None  # None: opened before poolwatch saw it (no lifetime to record)
 
 
@@ -95,48 +77,16 @@ class _ConnectorState:
 # Module state, reset by install() and its undo. Dicts are keyed by id() with weak references
 # whose callbacks drop the entry: snapshots (``list(d.items())``) are atomic under the GIL,
 # unlike iterating a WeakKeyDictionary from the exporter thread.
-_lock = threading.Lock()
-_agent: Agent | None = None  # for POOLWATCH_HTTP_CLIENT_MAX_HOSTS, read when a new host shows up
-_hosts: dict[tuple[str | None, int | None], Host] = {}
-_events: dict[tuple[str | None, Host], _Events] = {}
+_labels = HostLabels(PROBE)  # host labels under the cap, events per (session name, host)
+_host, _events_for, _unreadable = _labels.host, _labels.events_for, _labels.unreadable
+_failed = _labels.failed  # features found unreadable (counted once each)
+_agent: Agent | None = None  # set while installed
 _connectors: dict[int, tuple[weakref.ref[BaseConnector], _ConnectorState]] = {}
 _open: weakref.WeakKeyDictionary[ResponseHandler, _Open] = weakref.WeakKeyDictionary()
-_failed: set[str] = set()  # features found unreadable (counted once each)
-
-
-# --- labels -------------------------------------------------------------------------------------
-def _host(host: str | None, port: int | None) -> Host:
-    """Host and port only (never user, path or query); past the cap every new host is 'other'."""
-    known = _hosts.get((host, port))
-    if known is not None:
-        return known
-    with _lock:
-        known = _hosts.get((host, port))
-        if known is None:
-            settings = (_agent and _agent.settings) or Settings()
-            if len(_hosts) >= settings.http_client_max_hosts:
-                return OTHER  # not remembered: memory stays bounded however many hosts follow
-            known = _hosts[(host, port)] = (host or "", str(port or ""))
-        return known
-
-
-def _events_for(name: str | None, host: Host) -> _Events:
-    events = _events.get((name, host))
-    if events is None:
-        with _lock:
-            events = _events.setdefault((name, host), _Events())
-    return events
-
-
-def _unreadable(feature: str, exc: BaseException) -> None:
-    """A figure this aiohttp version does not expose: its series is left out, counted once."""
-    if feature not in _failed:
-        _failed.add(feature)
-        errors.record(PROBE, exc)
 
 
 # --- hot path: class-level wrappers ------------------------------------------------------
-def _events_of(connector: Any, host: str | None, port: int | None) -> _Events | None:
+def _events_of(connector: Any, host: str | None, port: int | None) -> Events | None:
     state = getattr(connector, STATE_ATTR, None)
     if state is None:
         return None  # a session poolwatch does not watch
@@ -157,10 +107,9 @@ def _make_request(original: Any) -> Any:
 def _count_error(session: aiohttp.ClientSession, args: Any, kwargs: Any, exc: Exception) -> None:
     try:
         url = session._build_url(args[1] if len(args) > 1 else kwargs["str_or_url"])
-        events = _events_of(session.connector, url.raw_host, url.port)
-        if events is not None:
-            with _lock:
-                events.errors[type(exc).__qualname__] += 1
+        state = getattr(session.connector, STATE_ATTR, None)
+        if state is not None:
+            _labels.error(state.name, _host(url.raw_host, url.port), type(exc).__qualname__)
     except Exception as inner:
         errors.record(PROBE, inner)
 
@@ -222,6 +171,7 @@ def install(agent: Agent, hooks: Hooks) -> None:
     global _agent
     _reset()
     _agent = agent
+    _labels.agent = agent
     hooks.on_undo(_detach_all)
     session = aiohttp.ClientSession
     hooks.wrap(session, "_request", _make_request, "async (self, method, str_or_url, ...)")
@@ -242,11 +192,9 @@ def start(agent: Agent) -> Stop | None:
 
 def _reset() -> None:
     global _agent
-    _hosts.clear()
-    _events.clear()
+    _labels.reset()
     _connectors.clear()
     _open.clear()
-    _failed.clear()
     _agent = None
 
 
@@ -368,7 +316,7 @@ class _Source:
                 continue  # a closed or collected connector disappears from the output
             seen.add(id(connector))
             reading.read(connector, state)
-        events = list(_events.items())
+        events = _labels.snapshot()
         named = any(name for name in reading.limits) or any(name for (name, _), _ in events)
 
         def labels(
@@ -399,9 +347,7 @@ class _Source:
             if "wait_time" not in _failed:
                 points.append(Point(AIOHTTP_WAIT_TIME, labels(name, host), ev.wait_time.value()))
             points.append(Point(HTTP_CLIENT_DURATION, labels(name, host), ev.duration.value()))
-            with _lock:
-                counts = sorted(ev.errors.items())
-            for error_type, count in counts:
+            for error_type, count in _labels.errors_of(ev):
                 points.append(
                     Point(AIOHTTP_ERRORS, labels(name, host, {ERROR_TYPE: error_type}), count)
                 )

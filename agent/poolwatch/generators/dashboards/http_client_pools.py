@@ -1,4 +1,4 @@
-"""poolwatch / HTTP client pools: aiohttp connectors per upstream host."""
+"""poolwatch / HTTP client pools: aiohttp connectors and httpx pools per upstream host."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .kit import HOST, RATE, TARGET, gd, graph, heatmap_panel, limits, new_dashb
 def build(t: dict[str, Threshold]) -> gd.Dashboard:
     client = t["http_client_utilization"]
     host = "{{job}} {{server_address}}:{{server_port}}"
-    wait = m.AIOHTTP_WAIT_TIME
+    wait, httpx_wait = m.AIOHTTP_WAIT_TIME, m.HTTPX_WAIT_TIME
     # recorded per host (against limit_per_host) and for all hosts (against limit)
     per_host = q.recorded("http_client_utilization", HOST, 'server_address!=""')
     total = q.recorded("http_client_utilization", TARGET, 'server_address=""')
@@ -19,7 +19,7 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
         new_dashboard(
             "http",
             "poolwatch / HTTP client pools",
-            "aiohttp connectors per upstream host: connections, limits, queueing.",
+            "aiohttp connectors and httpx pools per upstream host: connections, limits, queueing.",
             extra="host",
         )
         .with_row(row(100, "Connectors"))
@@ -27,10 +27,11 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
             graph(
                 2,
                 "Connector utilization",
-                "Active connections / connector limit, worst replica: per host against "
-                f"limit_per_host, and all hosts against limit. {limits(client)} At the limit, "
-                "requests queue (see queued requests): raise the limit if the upstream can take "
-                "it, or find slow upstream calls.",
+                "Active connections / connector limit, worst replica: aiohttp per host against "
+                "limit_per_host and all hosts against limit; httpx per client against "
+                f"max_connections. {limits(client)} At the limit, requests queue (see queued "
+                "requests): raise the limit if the upstream can take it, or find slow upstream "
+                "calls.",
                 [
                     query(f"max by (job, {q.SERVER}) ({per_host})", f"{host} per host"),
                     query(f"max by (job) ({total})", "{{job}} total"),
@@ -67,10 +68,14 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
             graph(
                 4,
                 "Queued requests",
-                "Requests waiting for a connection because a connector limit is reached, all "
-                "replicas. Anything above zero adds the wait below to the request's latency: "
-                "raise the connector limit if the upstream can take more, or speed up the calls.",
-                [query(q.gauge("sum", m.AIOHTTP_PENDING, TARGET), "{{job}}")],
+                "Requests waiting for a connection because a connector (aiohttp) or pool "
+                "(httpx) limit is reached, all replicas. Anything above zero adds the wait "
+                "below to the request's latency: raise the limit if the upstream can take "
+                "more, or speed up the calls.",
+                [
+                    query(q.gauge("sum", m.AIOHTTP_PENDING, TARGET), "{{job}} aiohttp"),
+                    query(q.gauge("sum", m.HTTPX_PENDING, TARGET), "{{job}} httpx"),
+                ],
                 unit="short",
                 width=8,
             )
@@ -79,12 +84,15 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
             graph(
                 5,
                 "Connection wait p50 / p99",
-                "Time requests spent queued for a connection, over all replicas. Near zero "
-                "unless a limit is reached; a p99 near your request timeout turns queueing into "
-                "errors (see connector utilization for the host).",
+                "Time requests spent queued for a connection, over all replicas (aiohttp: "
+                "requests that queued; httpx: every request, 0 when a connection was free). "
+                "Near zero unless a limit is reached; a p99 near your request timeout turns "
+                "queueing into errors (see connector utilization for the host).",
                 [
-                    query(q.quantile(wait, TARGET, "job", RATE, 0.5), "{{job}} p50"),
-                    query(q.quantile(wait, TARGET, "job", RATE), "{{job}} p99"),
+                    query(q.quantile(wait, TARGET, "job", RATE, 0.5), "{{job}} aiohttp p50"),
+                    query(q.quantile(wait, TARGET, "job", RATE), "{{job}} aiohttp p99"),
+                    query(q.quantile(httpx_wait, TARGET, "job", RATE, 0.5), "{{job}} httpx p50"),
+                    query(q.quantile(httpx_wait, TARGET, "job", RATE), "{{job}} httpx p99"),
                 ],
                 unit="s",
                 width=8,
