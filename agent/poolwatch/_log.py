@@ -58,7 +58,9 @@ class _Logger:
 logger = _Logger()
 
 # Probes whose error counter is exported at 0 from the start, so rate() sees 0 rather than nothing.
-PROBES = ("sqlalchemy", "asyncpg", "aiohttp", "loop", "asgi", "otlp", "exporter", "leaks")
+PROBES = (
+    "sqlalchemy", "asyncpg", "aiohttp", "loop", "asgi", "otlp", "exporter", "leaks", "diagnosis",
+)  # fmt: skip
 
 
 class AgentErrors:

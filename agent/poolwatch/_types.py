@@ -52,6 +52,22 @@ class HttpServer(Source, Protocol):
         """Run ``app`` on one HTTP request, timing it."""
         ...
 
+    def route_label(self, scope: dict[str, Any]) -> str:
+        """The ``http.route`` label of a request (its template, capped)."""
+        ...
+
+
+class Diagnosis(Source, Protocol):
+    """The diagnosis probe's detectors, which ``PoolwatchMiddleware`` tells about requests."""
+
+    def finished(self, scope: dict[str, Any]) -> None:
+        """One HTTP request ended (its ``scope``)."""
+        ...
+
+    def shutdown_done(self) -> None:
+        """The app's lifespan shutdown finished."""
+        ...
+
 
 class Host(Protocol):
     """The agent as a probe sees it (``poolwatch._agent.Agent``)."""
@@ -73,6 +89,7 @@ class Host(Protocol):
         ...
 
     http_server: HttpServer | None  # set by the http_server probe while installed
+    diagnosis: Diagnosis | None  # set by the diagnosis probe while installed
 
     def add_undo(self, undo: Undo) -> None:
         """Run ``undo`` at ``uninstrument()`` (state placed on one watched object)."""

@@ -26,6 +26,7 @@ URL_USER = "alice-7f3"  # basic auth in an upstream URL ...
 URL_PASSWORD = "pw-Secr3t-91"
 URL_TOKEN = "tok-abc-123"  # ... and a token in its query string
 METRICS_TOKEN = "tok-Secr3t-9"  # POOLWATCH_METRICS_TOKEN
+SQL_PARAMETER = "sql-Secr3t-5521"  # a value an app passes as a SQL parameter (diagnosis)
 
 
 def with_credentials(url: str) -> str:

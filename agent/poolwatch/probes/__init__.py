@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the type checker holds every probe module to the contract (_types.Probe)
     from .._types import Probe
-    from . import aiohttp, asyncpg, http_server, leaks, loop, sqlalchemy
+    from . import aiohttp, asyncpg, diagnosis, http_server, leaks, loop, sqlalchemy
 
     _sqlalchemy: Probe = sqlalchemy
     _asyncpg: Probe = asyncpg
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # the type checker holds every probe module to the contract (
     _aiohttp: Probe = aiohttp
     _loop: Probe = loop
     _http_server: Probe = http_server
+    _diagnosis: Probe = diagnosis
 
 
 class Line(NamedTuple):
@@ -68,6 +69,7 @@ PROBES: dict[str, Line] = {
     "aiohttp": Line("aiohttp", ">=3.10.11,<4"),
     "loop": Line(),
     "http_server": Line(),  # requests come through PoolwatchMiddleware
+    "diagnosis": Line(),  # anti-patterns; hooks each library present (after the probes above)
 }
 
 
