@@ -106,9 +106,10 @@ async def test_each_mistake_is_flagged_on_its_route_and_the_right_code_never(dia
     samples = server.scrape()
     n1 = samples.value("poolwatch_http_server_request_queries_sum", http_route="/bad/n-plus-one")
     assert 24 <= n1 <= 24 + 8  # 12 per request (+ a new connection's set-up queries)
-    assert samples.value(
-        "poolwatch_http_server_request_queries_count", http_route="/bad/n-plus-one"
-    ) == 2
+    assert (
+        samples.value("poolwatch_http_server_request_queries_count", http_route="/bad/n-plus-one")
+        == 2
+    )
     batch = samples.value("poolwatch_http_server_request_queries_count", http_route="/ok/batch")
     assert batch == 8 * 10 + 4 * 3
 

@@ -95,6 +95,10 @@ class Host(Protocol):
         """Run ``undo`` at ``uninstrument()`` (state placed on one watched object)."""
         ...
 
+    def probe(self, name: str) -> Probe | None:
+        """The probe ``name`` if it is on (installed), else None."""
+        ...
+
 
 class Hooks(Protocol):
     """What a probe's ``install()`` places its class-level hooks with (``_patching.Hooks``)."""

@@ -47,7 +47,8 @@ instrument(app)
 
 
 async def one_row(session: AsyncSession, n: int) -> int:
-    return (await session.execute(text("SELECT CAST(:n AS int), CAST(:s AS text)"), {"n": n, "s": SECRET})).one()[0]
+    query = text("SELECT CAST(:n AS int), CAST(:s AS text)")
+    return (await session.execute(query, {"n": n, "s": SECRET})).one()[0]
 
 
 # --- the mistakes ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .._log import errors, logger
 from .._types import Hooks, Host, Stop
 from ..context import request_scope, route_template
 from ..metrics import ANTIPATTERNS, REQUEST_QUERIES, Point
-from . import installed, within
+from . import PROBES, installed, within
 from ._culprit import APP, app_packages, code_kind
 from ._pool_stats import default_pool_name
 
@@ -489,11 +489,18 @@ def install(agent: Host, hooks: Hooks) -> None:
     found = Findings(agent)
     on = found.on
     creation = {"engine_per_request", "client_per_request", "unclosed_pool"} & on
-    if creation or {"n_plus_one", "sync_db_on_loop"} & on or "shared_async_session" in on:
+
+    def hooked(library: str) -> bool:
+        """A library's own probe off (outside its range, its hooks changed) leaves it as it
+        is: the detectors do not hook it either."""
+        return _has(library) and (library not in PROBES or agent.probe(library) is not None)
+
+    if hooked("sqlalchemy"):
         _sqlalchemy(hooks, on, bool(creation))
+    if hooked("asyncpg"):
         _asyncpg(hooks, on, bool(creation))
     if creation:
-        _clients(hooks)
+        _clients(hooks, hooked)
     _findings = found
     agent.diagnosis = found
     agent.registry.add(found)
@@ -513,8 +520,6 @@ def _has(library: str) -> bool:
 
 
 def _sqlalchemy(hooks: Hooks, on: frozenset[str], creation: bool) -> None:
-    if not _has("sqlalchemy"):
-        return
     from sqlalchemy.engine import Connection, Engine
 
     if creation:
@@ -532,8 +537,6 @@ def _sqlalchemy(hooks: Hooks, on: frozenset[str], creation: bool) -> None:
 
 
 def _asyncpg(hooks: Hooks, on: frozenset[str], creation: bool) -> None:
-    if not _has("asyncpg"):
-        return
     from asyncpg.connection import Connection
     from asyncpg.pool import Pool
 
@@ -547,14 +550,14 @@ def _asyncpg(hooks: Hooks, on: frozenset[str], creation: bool) -> None:
         hooks.feature(Connection, "execute", _make_asyncpg_execute, "async (self, query, ...)")
 
 
-def _clients(hooks: Hooks) -> None:
+def _clients(hooks: Hooks, hooked: Callable[[str], bool]) -> None:
     make = _make_init("client_per_request", "clients")
-    if _has("aiohttp"):
+    if hooked("aiohttp"):
         import aiohttp
 
         hooks.feature(aiohttp.ClientSession, "__init__", make, "(self, ...)")
     version = installed("httpx")
-    if version is not None and within(version, HTTPX):
+    if version is not None and within(version, HTTPX) and hooked("httpx"):
         import httpx
 
         hooks.feature(httpx.AsyncClient, "__init__", make, "(self, ...)")
