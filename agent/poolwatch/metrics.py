@@ -157,6 +157,12 @@ DB_PENDING_PEAK = _m(
     "{request}",
     "Peak of requests waiting for a connection over the last 60 to 120 s.",
 )
+DB_DEMAND_PEAK = _m(
+    "poolwatch.db.client.connection.demand.max",
+    GAUGE,
+    "{request}",
+    "Peak of used + pending at one moment over the last 60 to 120 s (what a burst asked for).",
+)
 
 # --- diagnosis: the guide's anti-patterns caught at runtime (probes/diagnosis.py) ---
 ANTIPATTERN_KINDS = (

@@ -45,8 +45,8 @@ def _make_connect(original: Any) -> Any:
         waiting = stats.waiting
         token = next(stats.tokens)
         waiting[token] = start = perf_counter()
-        if len(waiting) > stats.peak_pending:  # high-water mark, read at collect time
-            stats.peak_pending = len(waiting)
+        if len(waiting) > stats.peak_pending:  # high-water marks, read at collect time
+            stats.new_peak()
         try:
             connection = original(self)
         except BaseException as exc:
@@ -64,7 +64,7 @@ def _make_connect(original: Any) -> Any:
             held = stats.held
             held[id(connection._connection_record)] = now
             if len(held) > stats.peak_used:
-                stats.peak_used = len(held)
+                stats.new_peak()
         except Exception as exc:
             errors.record(PROBE, exc)
         return connection
