@@ -373,7 +373,8 @@ async def test_advise_sees_bursts_whatever_its_interval_and_never_shrinks_a_queu
         )
         for interval in ("1", "0.2")
     ]
-    await asyncio.sleep(1.0)  # both took their first sample
+    for proc in commands:  # both took their first sample: the bursts fall inside both windows
+        assert b"sampling" in await asyncio.wait_for(proc.stderr.readline(), 30)
     await burst(f"{server.url}/sa/hold?seconds=0.15", size=30, bursts=3, every=1.5)
     outputs = []
     for proc in commands:
