@@ -121,6 +121,8 @@ class Screen:
             parts.append(self.hosts(snap, previous))
         for loop in snap.loops.values():
             parts.extend(self.loop(loop, previous.loops.get(loop.name) if previous else None))
+        if (found := antipattern_line(snap, previous)) is not None:
+            parts.append(Text(found, style="bold yellow" if "+" in found else ""))
         return Group(*parts)
 
     def pools(self, snap: Snapshot, previous: Snapshot | None, elapsed: float) -> Any:
@@ -203,6 +205,20 @@ class Screen:
         return lines
 
 
+def antipattern_line(snap: Snapshot, previous: Snapshot | None) -> str | None:
+    """``anti-patterns: n_plus_one 3 (+1)  ...`` (the app's log names the code); None when the
+    diagnosis exports nothing, ``none caught`` when every count is 0."""
+    if not snap.antipatterns:
+        return None
+    found = []
+    for kind, count in sorted(snap.antipatterns.items()):
+        new = count - (previous.antipatterns.get(kind, 0) if previous else 0)
+        if count:
+            found.append(f"{kind} {count:g}" + (f" (+{new:g})" if new > 0 else ""))
+    shown = "  ".join(found) or "none caught"
+    return f"anti-patterns: {shown}" + ("  (the app's log names the code)" if found else "")
+
+
 def _table(title: str) -> Any:
     from rich import box
     from rich.table import Table
@@ -251,4 +267,6 @@ def render_lines(
             lag_sum -= previous.other.get(summed, 0)
         mean_lag = 1000 * lag_sum / lag_count if lag_count > 0 else 0.0
         lines.append(f"event loop: mean lag {mean_lag:.1f} ms, blocks {blocks:g}")
+    if (found := antipattern_line(snap, previous)) is not None:
+        lines.append(found)
     return lines
