@@ -157,3 +157,42 @@ def test_settings():
         load_settings({}, {"POOLWATCH_DIAGNOSE": "n_plus_two"})
     with pytest.raises(ConfigError, match="POOLWATCH_N_PLUS_ONE"):
         load_settings({}, {"POOLWATCH_N_PLUS_ONE": "1"})
+
+
+@pytest.mark.parametrize(
+    ("where", "method"),
+    [
+        ("sqlalchemy.engine:Connection", "_exec_single_context"),
+        ("asyncpg.connection:Connection", "_execute"),
+    ],
+)
+async def test_a_renamed_statement_hook_leaves_that_detector_out(
+    clean_agent, monkeypatch, postgres, where, method
+):
+    """The statement hooks are private: a release that renamed one leaves N+1 and queries per
+    request out (one counted error, one line); the app's queries work, the other detectors run."""
+    import asyncpg
+    import structlog
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    import poolwatch
+    from poolwatch._log import errors
+    from tests.test_hook_guards import _class, renamed
+
+    cls = _class(where)
+    renamed(monkeypatch, cls, method)
+    counted = errors.counts["diagnosis"]
+    with structlog.testing.capture_logs() as logs:
+        poolwatch.instrument(metrics_port=0)
+    lines = [e for e in logs if e.get("probe") == "diagnosis"]
+    assert len(lines) == 1 and f"{cls.__qualname__}.{method} is missing" in lines[0]["event"]
+    assert "part of the diagnosis probe is off" in lines[0]["event"]
+    assert errors.counts["diagnosis"] == counted + 1
+    assert clean_agent.diagnosis is not None  # the other detectors run
+    engine = create_async_engine(postgres.dsn("postgresql+asyncpg"))
+    async with engine.connect() as conn:
+        assert (await conn.exec_driver_sql("select 41 + 1")).scalar() == 42
+    await engine.dispose()
+    pool = await asyncpg.create_pool(postgres.dsn(), min_size=1, max_size=1)
+    assert await pool.fetchval("select 41 + 1") == 42
+    await pool.close()
