@@ -196,3 +196,27 @@ async def test_a_renamed_statement_hook_leaves_that_detector_out(
     pool = await asyncpg.create_pool(postgres.dsn(), min_size=1, max_size=1)
     assert await pool.fetchval("select 41 + 1") == 42
     await pool.close()
+
+
+def test_the_existing_pool_app_under_load_is_never_flagged(postgres, app_server):
+    """Every pool kind the suite's apps use, right, under concurrent load (sync endpoints in the
+    thread pool included), and shut down cleanly: nothing is flagged, every detector on."""
+    env = {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "SYNC_SA_URL": postgres.dsn("postgresql+psycopg"),
+        "ASYNCPG_DSN": postgres.dsn(),
+        "POOL_SIZE": "4",
+        "POOL_TIMEOUT": "5",
+        "POOLWATCH_DIAGNOSE": "all",
+    }
+    server = app_server("tests.apps.pool_app:app", env)
+    paths = ["/sa/hold?seconds=0.01", "/sync/hold?seconds=0.01", "/apg/hold?seconds=0.01"]
+    asyncio.run(load(server.url, [*paths, "/sa/query", "/apg/query", "/ok"], 6, 5))
+    assert set(counts(server)) == set(MISTAKE_KINDS) and set(counts(server).values()) == {0}
+    server.stop()
+    assert "poolwatch: " not in "".join(
+        line for line in server.log().splitlines() if "antipattern=" in line
+    )
+
+
+MISTAKE_KINDS = {kind for kind, _ in MISTAKES.values()} | {"unclosed_pool"}
