@@ -110,6 +110,10 @@ async def test_each_mistake_is_flagged_on_its_route_and_the_right_code_never(dia
         samples.value("poolwatch_http_server_request_queries_count", http_route="/bad/n-plus-one")
         == 2
     )
+    none = {"http_route": "/bad/swallow"}  # requests without a query count too, at 0
+    assert samples.value("poolwatch_http_server_request_queries_count", **none) == 2
+    assert samples.value("poolwatch_http_server_request_queries_sum", **none) == 0
+    assert samples.bucket("poolwatch_http_server_request_queries", "0.001", **none) == 2
     batch = samples.value("poolwatch_http_server_request_queries_count", http_route="/ok/batch")
     assert batch == 8 * 10 + 4 * 3
 

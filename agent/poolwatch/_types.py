@@ -56,12 +56,16 @@ class HttpServer(Source, Protocol):
         """The ``http.route`` label of a request (its template, capped)."""
         ...
 
+    def requests_by_route(self) -> dict[str, int]:
+        """Requests answered so far per ``http.route`` label."""
+        ...
+
 
 class Diagnosis(Source, Protocol):
     """The diagnosis probe's detectors, which ``PoolwatchMiddleware`` tells about requests."""
 
     def finished(self, scope: dict[str, Any]) -> None:
-        """One HTTP request ended (its ``scope``)."""
+        """One HTTP request that ran queries ended (its ``scope``)."""
         ...
 
     def shutdown_done(self) -> None:

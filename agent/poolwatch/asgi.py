@@ -15,7 +15,7 @@ from typing import Any
 
 from ._agent import Agent, StartupError
 from ._log import errors, logger
-from .context import request_scope, serving_codes
+from .context import QUERIES, request_scope, serving_codes
 
 Scope = dict[str, Any]
 
@@ -53,7 +53,7 @@ class PoolwatchMiddleware:
         finally:
             if token is not None:
                 request_scope.reset(token)
-            if diagnosis is not None and scope["type"] == "http":
+            if diagnosis is not None and QUERIES in scope:  # a request that ran queries
                 diagnosis.finished(scope)  # queries per request; catches its own errors
 
     def _lifespan_send(self, send: Any) -> Any:

@@ -37,15 +37,14 @@ from typing import Any, NamedTuple
 from .._histogram import Histogram
 from .._log import errors, logger
 from .._types import Hooks, Host, Stop
-from ..context import request_scope, route_template
-from ..metrics import ANTIPATTERNS, REQUEST_QUERIES, Point
+from ..context import QUERIES, request_scope, route_template
+from ..metrics import ANTIPATTERNS, BUCKETS, REQUEST_QUERIES, HistogramValue, Point
 from . import PROBES, installed, within
 from ._culprit import APP, app_packages, code_kind
 from ._pool_stats import default_pool_name
 
 PROBE = "diagnosis"
 WATCHES = None  # objects made before instrument() are not diagnosed (their creation is past)
-QUERIES = "poolwatch.queries"  # key in the request's ASGI scope: statement -> times run
 FLAGGED = "poolwatch.n_plus_one"  # set in the scope once the request was flagged
 OTHER = "other"
 MAX_PLACES = 1000  # places remembered for "logged once" (memory stays bounded)
@@ -139,7 +138,8 @@ class Findings:
         self.packages = app_packages(agent.app_module)
         self.serving = False  # from the agent's start to its stop: the app serves
         self.counts: Counter[tuple[str, str]] = Counter({(k, ""): 0 for k in sorted(self.on)})
-        self.queries: dict[str, Histogram] = {}
+        self.queries: dict[str, Histogram] = {}  # route -> queries of requests that ran some
+        self._zeros: dict[str, int] = {}  # route -> requests without a query (collect time)
         self._culprits: set[str] = set()
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -200,8 +200,10 @@ class Findings:
         return template
 
     def finished(self, scope: dict[str, Any]) -> None:
-        """A request ended: its queries into the histogram; N+1 of statements that differ only
-        by their literals (the exact repeats were flagged as they ran)."""
+        """A request that ran queries ended: its count into the histogram; N+1 of statements
+        that differ only by their literals (the exact repeats were flagged as they ran).
+        Requests without a query cost nothing here: they are the HTTP server probe's request
+        count less these, added at collect time (``points``)."""
         try:
             counts: dict[str, int] | None = scope.get(QUERIES)
             total = sum(counts.values()) if counts else 0
@@ -279,11 +281,21 @@ class Findings:
     def points(self) -> Iterator[Point]:
         with self._lock:
             counts = sorted(self.counts.items())
-            queries = sorted(self.queries.items())
+            queries = dict(self.queries)
         for (kind, culprit), count in counts:
             yield Point(ANTIPATTERNS, {"kind": kind, "culprit": culprit}, count)
-        for route, histogram in queries:
-            yield Point(REQUEST_QUERIES, {"http.route": route}, histogram.value())
+        values = {route: histogram.value() for route, histogram in queries.items()}
+        server = self.agent.http_server
+        for route, requests in (server.requests_by_route() if server is not None else {}).items():
+            # requests without a query: the route's requests less those counted here, kept
+            # monotonic (a request between the two reads is counted once, a little early)
+            value = values.get(route, HistogramValue((0,) * (len(BUCKETS) + 1), 0.0))
+            zeros = max(requests - value.count, self._zeros.get(route, 0))
+            self._zeros[route] = zeros
+            first = value.counts[0] + zeros  # 0 queries: the first bucket
+            values[route] = HistogramValue((first, *value.counts[1:]), value.total)
+        for route, value in sorted(values.items()):
+            yield Point(REQUEST_QUERIES, {"http.route": route}, value)
 
 
 _findings: Findings | None = None
