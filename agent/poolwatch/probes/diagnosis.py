@@ -13,7 +13,8 @@ Where each detector hooks, and what it costs (bench/bench_diagnosis.py):
   served" when ``context.request_scope`` is set: the middleware sets it while diagnosis is on.
 - ``n_plus_one`` and the queries-per-request histogram: one dict update per statement, in the
   request's ASGI scope (``Connection._exec_single_context`` for SQLAlchemy,
-  ``Connection._execute``/``execute`` for raw asyncpg); the histogram is fed once per request.
+  ``Connection._execute`` for raw asyncpg: ``fetch*()``, ``execute()`` with arguments); the
+  histogram is fed once per request that ran a query.
 - ``sync_db_on_loop``: the same SQLAlchemy hook, for a dialect that is not async, on a thread
   running an event loop, once the app serves.
 - ``shared_async_session``: ``AsyncSession``'s async methods note the task using the session.
@@ -401,19 +402,6 @@ def _make_asyncpg_execute_args(original: Callable[..., Any]) -> Callable[..., An
     return _execute
 
 
-def _make_asyncpg_execute(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-        found = _findings
-        if found is not None and not args:  # with args, execute() goes through _execute
-            try:
-                found.query(query)
-            except Exception as exc:
-                errors.record(PROBE, exc)
-        return await original(self, query, *args, **kwargs)
-
-    return execute
-
-
 # --- AsyncSession: one task at a time -------------------------------------------------------
 _busy: dict[int, Any] = {}  # id(session) -> the task using it
 SESSION_METHODS = (
@@ -558,8 +546,9 @@ def _asyncpg(hooks: Hooks, on: frozenset[str], creation: bool) -> None:
         hooks.feature(Pool, "terminate", _make_asyncpg_terminate, "(self)")
     if "n_plus_one" in on:
         params = "async (self, query, args, limit, timeout, ...)"
+        # fetch*() and execute() with arguments; execute() without is asyncpg's own BEGIN,
+        # ROLLBACK and pool reset (and SQLAlchemy's), which are no app queries
         hooks.feature(Connection, "_execute", _make_asyncpg_execute_args, params)
-        hooks.feature(Connection, "execute", _make_asyncpg_execute, "async (self, query, ...)")
 
 
 def _clients(hooks: Hooks, hooked: Callable[[str], bool]) -> None:
