@@ -93,7 +93,7 @@ async def least(variants, rounds: int) -> dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
-def hook_costs(engine_url: str) -> dict[str, float]:
+def hook_costs() -> dict[str, float]:
     """The detectors' own code, timed alone (timeit, best of 7): what each adds per request,
     per statement, per AsyncSession call and per task."""
     from poolwatch.context import QUERIES, request_scope
@@ -260,6 +260,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     print("\nThe detectors' own code alone (timeit, best of 7), µs:")
-    for what, seconds in hook_costs("").items():
+    for what, seconds in hook_costs().items():
         print(f"  {what:<48}{seconds * 1e6:>8.3f}")
     asyncio.run(main(args.requests, args.rounds))
