@@ -48,6 +48,7 @@ VARIANTS = [
     "bare",
     "noop-middleware",  # control: one pure ASGI middleware doing nothing (noise shows here)
     "poolwatch",
+    "poolwatch-diagnosis-off",  # every probe but the anti-pattern detectors (their cost, beside)
     "poolwatch+otlp",
     "poolwatch+tracing",
     "prometheus-fastapi-instrumentator",

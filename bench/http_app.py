@@ -66,7 +66,12 @@ def make_app(variant: str) -> FastAPI:
 
         # every probe on (the defaults); "+otlp" also pushes every metric each second,
         # "+tracing" adds OpenTelemetry's ASGI middleware with an SDK tracer exporting spans
-        instrument(app, otlp=variant == "poolwatch+otlp", tracing=variant == "poolwatch+tracing")
+        instrument(
+            app,
+            otlp=variant == "poolwatch+otlp",
+            tracing=variant == "poolwatch+tracing",
+            diagnose=variant != "poolwatch-diagnosis-off",  # off: the detectors' cost shows
+        )
     elif variant == "prometheus-fastapi-instrumentator":
         from prometheus_fastapi_instrumentator import Instrumentator
 

@@ -332,3 +332,65 @@ async def test_advise_and_top_through_the_sidecar_with_its_server_view(postgres,
     finally:
         exporter.stop()
         app.stop()
+
+
+async def burst(url: str, size: int, bursts: int, every: float) -> None:
+    """``bursts`` times, ``size`` requests at once, then quiet until ``every`` s have passed."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> None:
+            async with session.get(url) as response:
+                assert response.status == 200, await response.text()
+
+        for _ in range(bursts):
+            started = time.monotonic()
+            await asyncio.gather(*(one() for _ in range(size)))
+            await asyncio.sleep(max(every - (time.monotonic() - started), 0))
+
+
+async def test_advise_sees_bursts_whatever_its_interval_and_never_shrinks_a_queue(
+    postgres, app_server
+):
+    """The issue's case: a 7-connection pool hit by bursts that queue (waits over 100 ms). At
+    --interval 1 no sample used to land in a burst ("peak used 0", advice to shrink); with the
+    high-water marks both intervals see the same peak and give the same advice, never smaller."""
+    env = {
+        "SA_URL": postgres.dsn("postgresql+asyncpg"),
+        "POOL_SIZE": "5",
+        "MAX_OVERFLOW": "2",
+        "POOL_TIMEOUT": "10",
+    }
+    server = app_server(APP, env)
+    pipe = asyncio.subprocess.PIPE
+    commands = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "poolwatch.cli", "advise", server.metrics_url),
+            *("--window", "7", "--interval", interval),
+            stdout=pipe,
+            stderr=pipe,
+        )
+        for interval in ("1", "0.2")
+    ]
+    for proc in commands:  # both took their first sample: the bursts fall inside both windows
+        assert b"sampling" in await asyncio.wait_for(proc.stderr.readline(), 30)
+    await burst(f"{server.url}/sa/hold?seconds=0.15", size=30, bursts=3, every=1.5)
+    outputs = []
+    for proc in commands:
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        outputs.append(stdout.decode())
+        planted.scan(outputs[-1], "the output of poolwatch advise")
+    advice = [re.search(r"recommend\s+pool_size=(\d+) max_overflow=(\d+)", o) for o in outputs]
+    assert all(advice), outputs
+    sizes = [tuple(map(int, a.groups())) for a in advice]
+    for output, (pool_size, overflow) in zip(outputs, sizes, strict=True):
+        peak = re.search(r"peak used (\d+) \(\+(\d+) pending\)", output)
+        assert peak and int(peak.group(1)) == 7 and int(peak.group(2)) >= 15, output
+        assert pool_size + overflow >= 7, output  # never smaller than the pool that queued
+        assert "now pool_size=5 max_overflow=2" in output
+        assert re.search(r"it queued \(wait p95 \d+ ms > 100 ms\)", output), output
+    # the same burst, the same total (pool_size is Little's law over two windows a few ms apart)
+    assert sizes[0][0] + sizes[0][1] == sizes[1][0] + sizes[1][1], outputs
+    assert abs(sizes[0][0] - sizes[1][0]) <= 1, outputs

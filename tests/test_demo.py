@@ -62,6 +62,11 @@ def test_demo_walks_healthy_to_exhaustion_with_metrics_open():
     assert (
         "app = instrument(app)" in summary and f"poolwatch top 127.0.0.1:{metrics_port}" in summary
     )
+    # the report's N+1 (its deliberate second bug) is flagged, named, and nothing before it
+    assert {s.value for s in during.find("poolwatch_antipatterns_total")} == {0}
+    assert "poolwatch: n_plus_one: the same statement run 10+ times" in output
+    assert "poolwatch.cli.demo:build_app.<locals>.report" in output
+    assert "anti-patterns: n_plus_one " in output
 
 
 def test_demo_on_port_zero_picks_free_ports_and_says_which():

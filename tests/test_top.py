@@ -254,3 +254,21 @@ def test_loop_and_http_client_rows_with_threshold_colours():
     assert re.search(red + "2200 ms", ansi)  # lag p99 over 1 s: critical
     assert re.search(red + "10/10", ansi)  # connector at 100 % of limit_per_host: critical
     assert re.search(green + "50 ms", ansi)  # connector wait p99 under 100 ms: fine
+
+
+def test_top_shows_the_anti_patterns_caught_and_the_new_ones():
+    from poolwatch.cli.top import antipattern_line
+
+    def exposition(n_plus_one: int) -> str:
+        return (
+            "# TYPE poolwatch_antipatterns counter\n"
+            f'poolwatch_antipatterns_total{{kind="n_plus_one",culprit=""}} 0\n'
+            f'poolwatch_antipatterns_total{{kind="n_plus_one",culprit="app:orders"}} {n_plus_one}\n'
+            f'poolwatch_antipatterns_total{{kind="unclosed_pool",culprit=""}} 0\n'
+        )
+
+    before, after = parse(exposition(2)), parse(exposition(5))
+    line = antipattern_line(after, before)
+    assert line == "anti-patterns: n_plus_one 5 (+3)  (the app's log names the code)"
+    assert antipattern_line(parse(exposition(0)), None) == "anti-patterns: none caught"
+    assert antipattern_line(parse("poolwatch_build_info 1\n"), None) is None

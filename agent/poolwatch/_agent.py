@@ -26,7 +26,7 @@ from ._imports import after_import
 from ._log import errors, logger
 from ._patching import Hooks, TargetChanged, subclasses
 from ._registry import Registry
-from ._types import HttpServer, Probe, Stop, Undo
+from ._types import Diagnosis, HttpServer, Probe, Stop, Undo
 from .config import ConfigError, Settings, load_settings
 from .probes import PROBES, installed, refusal
 
@@ -70,6 +70,7 @@ class Agent:
         self._apps: list[weakref.ref[Any]] = []  # the apps instrument() was given
         self.joined: Joined | None = None  # the app's MeterProvider poolwatch is in
         self.http_server: HttpServer | None = None  # the HTTP server probe's request recorder
+        self.diagnosis: Diagnosis | None = None  # the diagnosis probe's detectors
         # Module that called instrument(): its package is application code for loop culprits.
         self.app_module: str | None = None
 
@@ -498,6 +499,7 @@ class Agent:
             self._apps.clear()
             self.port_explicit = False
             self.http_server = None
+            self.diagnosis = None
             self.registry = Registry()
         for undo in reversed(undos):
             try:

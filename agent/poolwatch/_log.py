@@ -85,6 +85,7 @@ PROBES = (
     "otlp",
     "exporter",
     "leaks",
+    "diagnosis",
 )
 
 

@@ -52,6 +52,26 @@ class HttpServer(Source, Protocol):
         """Run ``app`` on one HTTP request, timing it."""
         ...
 
+    def route_label(self, scope: dict[str, Any]) -> str:
+        """The ``http.route`` label of a request (its template, capped)."""
+        ...
+
+    def requests_by_route(self) -> dict[str, int]:
+        """Requests answered so far per ``http.route`` label."""
+        ...
+
+
+class Diagnosis(Source, Protocol):
+    """The diagnosis probe's detectors, which ``PoolwatchMiddleware`` tells about requests."""
+
+    def finished(self, scope: dict[str, Any]) -> None:
+        """One HTTP request that ran queries ended (its ``scope``)."""
+        ...
+
+    def shutdown_done(self) -> None:
+        """The app's lifespan shutdown finished."""
+        ...
+
 
 class Host(Protocol):
     """The agent as a probe sees it (``poolwatch._agent.Agent``)."""
@@ -73,9 +93,14 @@ class Host(Protocol):
         ...
 
     http_server: HttpServer | None  # set by the http_server probe while installed
+    diagnosis: Diagnosis | None  # set by the diagnosis probe while installed
 
     def add_undo(self, undo: Undo) -> None:
         """Run ``undo`` at ``uninstrument()`` (state placed on one watched object)."""
+        ...
+
+    def probe(self, name: str) -> Probe | None:
+        """The probe ``name`` if it is on (installed), else None."""
         ...
 
 

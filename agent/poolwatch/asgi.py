@@ -15,7 +15,7 @@ from typing import Any
 
 from ._agent import Agent, StartupError
 from ._log import errors, logger
-from .context import request_scope, serving_codes
+from .context import QUERIES, request_scope, serving_codes
 
 Scope = dict[str, Any]
 
@@ -36,10 +36,15 @@ class PoolwatchMiddleware:
             except StartupError as exc:  # strict mode: still never fail a request for it
                 agent.started = True
                 errors.degraded("exporter", str(exc))
-        # Leak reports are the only reader of the request scope: no context switch per request
-        # unless leak detection is on.
+        # Leak reports and the diagnosis are the readers of the request scope: no context
+        # switch per request unless one of them is on.
         settings = agent.settings
-        token = request_scope.set(scope) if settings and settings.leak_threshold else None
+        diagnosis = agent.diagnosis
+        token = (
+            request_scope.set(scope)
+            if diagnosis is not None or (settings and settings.leak_threshold)
+            else None
+        )
         try:
             if scope["type"] == "http" and (recorder := agent.http_server) is not None:
                 await recorder.serve(self.app, scope, receive, send)  # HTTP server metrics
@@ -48,6 +53,8 @@ class PoolwatchMiddleware:
         finally:
             if token is not None:
                 request_scope.reset(token)
+            if diagnosis is not None and QUERIES in scope:  # a request that ran queries
+                diagnosis.finished(scope)  # queries per request; catches its own errors
 
     def _lifespan_send(self, send: Any) -> Any:
         agent = self.agent
@@ -62,6 +69,8 @@ class PoolwatchMiddleware:
                     logger.error(str(exc))
                     message = {"type": "lifespan.startup.failed", "message": str(exc)}
             elif kind == "lifespan.shutdown.complete":
+                if (diagnosis := agent.diagnosis) is not None:
+                    diagnosis.shutdown_done()  # what the app's shutdown left open
                 agent.stop()
             await send(message)
 

@@ -65,6 +65,38 @@ def _optional_text(text: str) -> str | None:
     return text or None
 
 
+# The anti-pattern detectors (probes/diagnosis.py); on by default: those whose measured cost
+# keeps the HTTP and pool targets (docs/diagnosis.md, bench/bench_diagnosis.py).
+DETECTORS = (
+    "engine_per_request",
+    "client_per_request",
+    "sync_db_on_loop",
+    "n_plus_one",
+    "shared_async_session",
+    "swallowed_cancel",
+    "unclosed_pool",
+)
+DEFAULT_DETECTORS = frozenset(DETECTORS) - {"swallowed_cancel"}
+
+
+def _detectors(text: str) -> frozenset[str]:
+    """``default``, ``all``, ``off``, or a comma list of kinds; ``-kind`` takes one off."""
+    chosen: set[str] = set()
+    for word in (w.strip().lower() for w in text.split(",")):
+        if word in ("", "off", "none"):
+            continue
+        if word in ("default", "all"):
+            chosen |= DEFAULT_DETECTORS if word == "default" else set(DETECTORS)
+        elif word.startswith("-") and word[1:] in DETECTORS:
+            chosen |= set() if chosen else DEFAULT_DETECTORS
+            chosen.discard(word[1:])
+        elif word in DETECTORS:
+            chosen.add(word)
+        else:
+            raise ValueError
+    return frozenset(chosen)
+
+
 @dataclass(frozen=True)
 class _Spec:
     env: str
@@ -103,6 +135,15 @@ SPECS: dict[str, _Spec] = {
     ),
     "otlp": _Spec("POOLWATCH_OTLP", _bool, "true or false"),
     "worker": _Spec("POOLWATCH_WORKER", _optional_text, "a worker id; default: the process id"),
+    "diagnose": _Spec(
+        "POOLWATCH_DIAGNOSE",
+        _detectors,
+        "'default', 'all', 'off', or a comma list of detector kinds (-kind: all defaults but "
+        f"that one); kinds: {', '.join(DETECTORS)}",
+    ),
+    "n_plus_one": _Spec(
+        "POOLWATCH_N_PLUS_ONE", _positive_int, "an integer >= 2 (same statement, one request)"
+    ),
     "strict": _Spec(
         "POOLWATCH_STRICT",
         _bool,
@@ -131,6 +172,9 @@ MEANING: dict[str, str] = {
     "otlp": "push every metric over OTLP; also on with `OTEL_METRICS_EXPORTER=otlp` or an "
     "OTLP endpoint set",
     "worker": "the `worker` label of this process in multi-worker mode",
+    "diagnose": "anti-pattern detectors: default (all but swallowed_cancel), all, off, a comma "
+    "list of kinds, or -kind to drop one",
+    "n_plus_one": "runs of one statement within one request that count as an N+1",
     "strict": "a taken port, a collector down, an unwritable directory stop the start-up "
     "instead of one warning",
 }
@@ -152,6 +196,8 @@ class Settings:
     tracing: bool | None = None  # None: follow OTEL_TRACES_EXPORTER; False always wins
     otlp: bool = False
     worker: str | None = None
+    diagnose: frozenset[str] = DEFAULT_DETECTORS
+    n_plus_one: int = 10
     strict: bool = False
 
     def __repr__(self) -> str:  # never print the token
@@ -191,6 +237,11 @@ def load_settings(
                 f"{source}={raw!r} is invalid: expected {spec.allowed}. Fix or unset {spec.env}."
             ) from None
     settings = Settings(**values)
+    if settings.n_plus_one < 2:
+        raise ConfigError(
+            f"POOLWATCH_N_PLUS_ONE={settings.n_plus_one} is invalid: expected an integer >= 2 "
+            "(one statement run N times in one request)."
+        )
     if settings.loop_interval >= settings.block_threshold:  # the lag timer would miss blocks
         raise ConfigError(
             f"POOLWATCH_LOOP_INTERVAL={settings.loop_interval:g} must be smaller than "
@@ -207,6 +258,10 @@ def _check_typed(name: str, value: Any, spec: _Spec, source: str) -> Any:
         if name in ("metrics_token", "leak_threshold", "multiproc_dir", "worker", "tracing"):
             return None
         raise ConfigError(f"{source}=None is invalid: expected {spec.allowed}.")
+    if name == "diagnose" and isinstance(value, bool | set | frozenset | list | tuple):
+        # diagnose=False/True, or the kinds as a collection
+        value = {True: "default", False: "off"}.get(value) if isinstance(value, bool) else value
+        value = value if isinstance(value, str) else ",".join(value) or "off"
     if isinstance(value, bool):
         if spec.parse is _bool:
             return value

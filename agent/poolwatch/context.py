@@ -27,6 +27,10 @@ request_scope: ContextVar[dict[str, Any] | None] = ContextVar(
     "poolwatch_request_scope", default=None
 )
 
+# Key in a request's ASGI scope: statement -> times it ran in that request (the diagnosis probe
+# counts, the middleware hands a request that ran any to the probe when it ends).
+QUERIES = "poolwatch.queries"
+
 # The code of PoolwatchMiddleware.__call__ (poolwatch.asgi adds it at import): on a blocked
 # loop's stack its frame holds the request's ``scope``. The loop probe reads stacks from another
 # thread, where the loop thread's ``request_scope`` cannot be read.

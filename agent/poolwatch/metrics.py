@@ -140,6 +140,53 @@ LEAKS = _m(
     "Connections held longer than POOLWATCH_LEAK_THRESHOLD.",
 )
 
+# High-water marks (no semconv): the peak of used and of pending over the last one to two
+# windows of PEAK_WINDOW seconds. A window rotates on time, never on a read, so two readers
+# (Prometheus and `poolwatch advise`) never take a peak from each other, and any reader that
+# collects at least once per window sees every burst.
+PEAK_WINDOW = 60.0
+DB_USED_PEAK = _m(
+    "poolwatch.db.client.connection.used.max",
+    GAUGE,
+    "{connection}",
+    "Peak of used connections over the last 60 to 120 s (a burst between two collections).",
+)
+DB_PENDING_PEAK = _m(
+    "poolwatch.db.client.connection.pending_requests.max",
+    GAUGE,
+    "{request}",
+    "Peak of requests waiting for a connection over the last 60 to 120 s.",
+)
+DB_DEMAND_PEAK = _m(
+    "poolwatch.db.client.connection.demand.max",
+    GAUGE,
+    "{request}",
+    "Peak of used + pending at one moment over the last 60 to 120 s (what a burst asked for).",
+)
+
+# --- diagnosis: the guide's anti-patterns caught at runtime (probes/diagnosis.py) ---
+ANTIPATTERN_KINDS = (
+    "engine_per_request",
+    "client_per_request",
+    "sync_db_on_loop",
+    "n_plus_one",
+    "shared_async_session",
+    "swallowed_cancel",
+    "unclosed_pool",
+)
+ANTIPATTERNS = _m(
+    "poolwatch.antipatterns",
+    COUNTER,
+    "{occurrence}",
+    "Anti-patterns caught at runtime, by kind and culprit (the app's module:function).",
+)
+REQUEST_QUERIES = _m(
+    "poolwatch.http.server.request.queries",
+    HISTOGRAM,
+    "{query}",
+    "Database queries per HTTP request, by http.route.",
+)
+
 # --- the agent itself ---
 BUILD_INFO = _m("poolwatch.build_info", GAUGE, "1", "poolwatch build information (always 1).")
 AGENT_ERRORS = _m(

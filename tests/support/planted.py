@@ -28,6 +28,7 @@ URL_TOKEN = "tok-abc-123"  # ... and a token in its query string
 METRICS_TOKEN = "tok-Secr3t-9"  # POOLWATCH_METRICS_TOKEN
 REDIS_PASSWORD = "rd-Secr3t-5521"  # the test redis-server's requirepass, in every redis URL
 REDIS_USER = "rd-user-77"  # an ACL user in a redis URL (redis://user:password@...)
+SQL_PARAMETER = "sql-Secr3t-5521"  # a value an app passes as a SQL parameter (diagnosis)
 
 
 def with_credentials(url: str) -> str:

@@ -10,6 +10,9 @@ Per pool and per process (each worker process has its own pool):
 - ``max_overflow`` covers bursts on top: the total is ceil(1.5 * the worst concurrency seen),
   that concurrency being the larger of peak used + pending and rate * p95 hold; when checkouts
   timed out, demand was above the current max, so the total is at least ceil(1.5 * (max + 1)).
+- Peaks come from the pools' high-water marks (``poolwatch_db_client_connection_*_max``), so a
+  burst between two samples is seen whatever ``--interval`` is; a pool that queued (timeouts, or
+  a wait p95 over the warning threshold) is never advised smaller than it is.
 
 Data comes from a ``/metrics`` URL sampled over ``--window`` seconds, or from a Prometheus
 server over ``--range`` (one instant query per figure, aggregated by pool in PromQL).
@@ -33,6 +36,8 @@ from ..thresholds import duration_seconds, load
 from ._common import UsageError, non_negative_int, positive_int, positive_seconds
 from .scrape import POOL, STATE, Buckets, Snapshot, delta, fetch, metrics_url, quantile
 
+ROUTE = m.prom_label("http.route")
+
 HEADROOM = 1.5  # the sizing guide's factor
 POSTGRES_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
 
@@ -47,6 +52,7 @@ class Observation:
     checkouts: float = 0  # successful, all processes
     timeouts: float = 0  # all processes
     hold_buckets: Buckets = field(default_factory=dict)
+    wait_buckets: Buckets = field(default_factory=dict)
     hold_sum: float = 0
     hold_count: float = 0
     peak_used: float = 0  # in any one process
@@ -111,7 +117,29 @@ def recommend(obs: Observation) -> Advice | None:
         f"{rate:.1f}/s x {_ms(hold)} mean hold = {busy:.1f} busy x {HEADROOM} -> "
         f"pool_size {pool_size}; {why_burst} x {HEADROOM} -> {total} in all"
     )
+    queued = _queued(obs)
+    kept = []
+    if queued and obs.max is not None and total < obs.max:
+        total = math.ceil(obs.max)
+        kept.append(f"max at {total}")
+    if queued and obs.pool_size is not None and pool_size < obs.pool_size:
+        pool_size = min(math.ceil(obs.pool_size), total)
+        kept.append(f"pool_size at {pool_size}")
+    if kept:
+        reasoning += f"; it queued ({queued}): never smaller, {' and '.join(kept)} kept"
     return Advice(pool_size, total - pool_size, reasoning)
+
+
+def _queued(obs: Observation) -> str | None:
+    """Why the pool must not shrink: it timed out, or checkouts waited (p95 over the warning
+    threshold of the connection wait alert) in the window. None: it did not queue."""
+    if obs.timeouts > 0:
+        return f"{obs.timeouts:.0f} checkouts timed out"
+    warning = load()["connection_wait_p99"].warning
+    p95 = quantile(0.95, obs.wait_buckets)
+    if p95 is not None and p95 > warning:
+        return f"wait p95 {_ms(p95)} > {_ms(warning)}"
+    return None
 
 
 # --- from a /metrics URL ------------------------------------------------------------------
@@ -128,16 +156,21 @@ def from_snapshots(first: Snapshot, last: Snapshot, samples: list[Snapshot], sec
         obs.timeouts += max(row.timeouts - (before.timeouts if before else 0), 0)
         for le, count in delta(row.use_buckets, before.use_buckets if before else None).items():
             obs.hold_buckets[le] = obs.hold_buckets.get(le, 0) + count
+        for le, count in delta(row.wait_buckets, before.wait_buckets if before else None).items():
+            obs.wait_buckets[le] = obs.wait_buckets.get(le, 0) + count
         obs.hold_sum += row.use_sum - (before.use_sum if before else 0)
         obs.hold_count += row.use_count - (before.use_count if before else 0)
         obs.pool_size = _max(obs.pool_size, row.idle_max)
         obs.idle_min = _max(obs.idle_min, row.idle_min)
         obs.max = _max(obs.max, row.max)
         obs.sqlalchemy = obs.sqlalchemy or row.overflow is not None
-        for snap in samples:
+        for snap in samples[1:]:  # the first sample's peaks are from before the window
             if (seen := snap.pools.get(key)) is not None:
-                obs.peak_used = max(obs.peak_used, seen.used)
-                obs.peak_demand = max(obs.peak_demand, seen.used + seen.pending)
+                # the high-water marks: a burst between two samples counts too
+                used = max(seen.used, seen.peak_used or 0)
+                demand = max(seen.used + seen.pending, seen.peak_demand or 0)
+                obs.peak_used = max(obs.peak_used, used)
+                obs.peak_demand = max(obs.peak_demand, demand, used)
     return list(out.values())
 
 
@@ -252,6 +285,7 @@ def run(args: Any) -> int:
             ) from None
         source = Prometheus(args.prometheus, args.selector)
         observations = source.observe(args.range)
+        by_route = source.queries(args.range)
         where = f"{args.prometheus}, last {args.range}"
         seen_processes = max((o.processes for o in observations), default=1)
     else:
@@ -259,6 +293,7 @@ def run(args: Any) -> int:
         if seconds <= 0 or len(samples) < 2:
             raise UsageError("stopped before a second sample: nothing to compare")
         observations = from_snapshots(first, last, samples, seconds)
+        by_route = queries_per_request(first, last)
         if not observations:
             raise no_data(args.url, "", "")
         where = f"{args.url}, {seconds:.1f} s sampled"
@@ -270,7 +305,7 @@ def run(args: Any) -> int:
             known = ", ".join(o.pool for o in observations)
             raise UsageError(f"--pool {unknown[0]!r} was not seen; pools seen: {known}")
         observations = [o for o in observations if o.pool in args.pool]
-    for line in report(observations, where):
+    for line in report(observations, where, by_route):
         print(line)
     max_connections = args.max_connections or server.get("max")
     if max_connections:
@@ -296,7 +331,39 @@ def run(args: Any) -> int:
     return 0
 
 
-def report(observations: list[Observation], where: str) -> list[str]:
+def queries_per_request(first: Snapshot | None, last: Snapshot) -> dict[str, tuple[float, float]]:
+    """Route -> (requests, queries) between two scrapes."""
+    out = {}
+    for route, (count, total) in last.queries.items():
+        before = first.queries.get(route, (0.0, 0.0)) if first is not None else (0.0, 0.0)
+        if count - before[0] > 0:
+            out[route] = (count - before[0], total - before[1])
+    return out
+
+
+def queries_lines(by_route: dict[str, tuple[float, float]], seconds: float) -> list[str]:
+    """The guide's "average queries per request", beside Little's law: requests/s x queries
+    per request is the checkout rate the pools above must serve."""
+    if not by_route:
+        return []
+    requests = sum(c for c, _ in by_route.values())
+    queries = sum(q for _, q in by_route.values())
+    lines = [
+        "",
+        f"requests   {requests / seconds:.1f}/s x {queries / requests:.1f} queries per request "
+        f"(average) = {queries / seconds:.1f} queries/s",
+    ]
+    top = sorted(by_route.items(), key=lambda item: -item[1][1])[:5]
+    for route, (count, total) in top:
+        lines.append(f"  {route:<30} {count / seconds:6.1f} req/s x {total / count:5.1f} queries")
+    return lines
+
+
+def report(
+    observations: list[Observation],
+    where: str,
+    by_route: dict[str, tuple[float, float]] | None = None,
+) -> list[str]:
     lines = [f"poolwatch advise · {where}"]
     for obs in observations:
         kind = obs.kind
@@ -321,6 +388,9 @@ def report(observations: list[Observation], where: str) -> list[str]:
         else:
             sizes = f"min_size={advice.pool_size} max_size={advice.total}"
         lines.append(f"  recommend  {sizes}: {advice.reasoning}")
+    seconds = max((o.seconds for o in observations), default=0)
+    if by_route and seconds > 0:
+        lines.extend(queries_lines(by_route, seconds))
     return lines
 
 
@@ -426,6 +496,18 @@ class Prometheus:
         peak_demand = self.by_pool(
             f"max {by} (max_over_time(({used} + ignoring({STATE}) {pending})[{r}:]))"
         )
+        # the high-water marks: the bursts between two scrapes
+        used_max = self.series(m.DB_USED_PEAK.sample())
+        marks = self.by_pool(f"max {by} (max_over_time({used_max}[{r}]))")
+        demand_max = self.series(m.DB_DEMAND_PEAK.sample())
+        demand_marks = self.by_pool(f"max {by} (max_over_time({demand_max}[{r}]))")
+        for pool, value in marks.items():
+            peak_used[pool] = max(peak_used.get(pool, 0), value)
+        for pool, value in demand_marks.items():
+            peak_demand[pool] = max(peak_demand.get(pool, 0), value)
+        wait = self.query(
+            f"sum by ({POOL}, le) (increase({self.series(m.DB_WAIT_TIME.sample('bucket'))}[{r}]))"
+        )
         pool_size, maximum = last(m.DB_IDLE_MAX.sample()), last(m.DB_MAX.sample())
         idle_min = last(m.DB_IDLE_MIN.sample())
         sqlalchemy = last(m.SA_OVERFLOW.sample())
@@ -450,5 +532,23 @@ class Prometheus:
             obs.hold_buckets = {
                 float(labels["le"]): value for labels, value in buckets if labels.get(POOL) == pool
             }
+            obs.wait_buckets = {
+                float(labels["le"]): value for labels, value in wait if labels.get(POOL) == pool
+            }
             out.append(obs)
         return out
+
+    def queries(self, range_text: str) -> dict[str, tuple[float, float]]:
+        """Route -> (requests, queries) over the range."""
+        by = f"by ({ROUTE})"
+        counts, sums = (
+            {
+                labels.get(ROUTE, ""): value
+                for labels, value in self.query(
+                    f"sum {by} (increase({self.series(m.REQUEST_QUERIES.sample(part))}"
+                    f"[{range_text}]))"
+                )
+            }
+            for part in ("count", "sum")
+        )
+        return {route: (count, sums.get(route, 0.0)) for route, count in counts.items()}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .scrape import Snapshot, parse
-from .top import Screen
+from .top import Screen, antipattern_line
 
 RECENT = 5.0  # seconds of blocks on the "recent blocks" line
 
@@ -108,7 +108,8 @@ class Blocks:
             duration = float(event.get("duration_s", 0.0))
             self.events.append((time.monotonic(), str(event.get("culprit")), duration, route))
         elif method not in ("debug", "info"):
-            self.notes.append(f"[{method}] {message}")
+            code = f" ({event['code']})" if "code" in event else ""  # an anti-pattern's culprit
+            self.notes.append(f"[{method}] {message}{code}")
         raise structlog.DropEvent
 
     def recent(self, now: float) -> str:
@@ -215,6 +216,9 @@ class View:
                 before = self.previous.loops.get(loop.name) if self.previous else None
                 parts.append(self.screen.loop(loop, before)[0])
             parts.append(Text(self.blocks.recent(now), no_wrap=True, overflow="ellipsis"))
+            found = antipattern_line(snap, self.previous)
+            if found is not None:
+                parts.append(Text(found, no_wrap=True, overflow="ellipsis"))
             self.previous, self._taken = snap, now
         for note in self.blocks.notes:
             parts.append(Text(note, style="yellow"))

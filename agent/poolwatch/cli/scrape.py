@@ -44,6 +44,9 @@ class PoolRow:
     use_buckets: Buckets = field(default_factory=dict)
     use_count: float = 0
     use_sum: float = 0
+    peak_used: float | None = None  # high-water marks of the last 60-120 s (None: older agent)
+    peak_pending: float | None = None
+    peak_demand: float | None = None  # used + pending at one moment
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Snapshot:
     other: dict[str, float] = field(default_factory=dict)  # unlabelled totals by sample name
     hosts: dict[str, HostRow] = field(default_factory=dict)
     loops: dict[str, LoopRow] = field(default_factory=dict)
+    antipatterns: dict[str, float] = field(default_factory=dict)  # kind -> count, all workers
+    queries: dict[str, tuple[float, float]] = field(default_factory=dict)  # route -> (count, sum)
 
     @property
     def is_poolwatch(self) -> bool:
@@ -100,7 +105,11 @@ _POOL_FIELDS = {
     m.DB_USE_TIME.sample("sum"): "use_sum",
     m.SA_OVERFLOW.sample(): "overflow",
     m.LEAKS.sample(): "leaks",
+    m.DB_USED_PEAK.sample(): "peak_used",
+    m.DB_PENDING_PEAK.sample(): "peak_pending",
+    m.DB_DEMAND_PEAK.sample(): "peak_demand",
 }
+_ROUTE = m.prom_label("http.route")
 # the families of HTTP client and event-loop series (http.client.*, aiohttp.*, asyncio.*)
 _HOST_PREFIXES = ("http_client_", "aiohttp_client_", "httpx_client_")
 HTTPX_CLIENT = m.prom_label("httpx.client.name")
@@ -135,6 +144,13 @@ def parse(text: str) -> Snapshot:
                     httpx_limits[(worker, labels.get(HTTPX_CLIENT, ""))] = value
             elif name.startswith(_LOOP_PREFIXES):
                 _loop_sample(snap, worker or "", name, labels, value)
+            elif name == m.ANTIPATTERNS.sample():
+                kind = labels.get("kind", "?")
+                snap.antipatterns[kind] = snap.antipatterns.get(kind, 0) + value
+            elif name in _QUERIES and (route := labels.get(_ROUTE)) is not None:
+                count, total = snap.queries.get(route, (0.0, 0.0))
+                is_count = name == m.REQUEST_QUERIES.sample("count")
+                snap.queries[route] = (count + value, total) if is_count else (count, total + value)
     for host in snap.hosts.values():
         if host.client is not None:
             host.limit = httpx_limits.get((host.worker, host.client)) or None
@@ -144,6 +160,9 @@ def parse(text: str) -> Snapshot:
             host.limit = scopes.get("per_host") or scopes.get("total") or None
     snap.other = dict(totals)
     return snap
+
+
+_QUERIES = (m.REQUEST_QUERIES.sample("count"), m.REQUEST_QUERIES.sample("sum"))
 
 
 def _key(name: str, worker: str | None) -> str:

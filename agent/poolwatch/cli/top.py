@@ -126,6 +126,8 @@ class Screen:
             parts.append(self.hosts(snap, previous))
         for loop in snap.loops.values():
             parts.extend(self.loop(loop, previous.loops.get(loop.name) if previous else None))
+        if (found := antipattern_line(snap, previous)) is not None:
+            parts.append(Text(found, style="bold yellow" if "+" in found else ""))
         return Group(*parts)
 
     def pools(self, snap: Snapshot, previous: Snapshot | None, elapsed: float) -> Any:
@@ -204,6 +206,20 @@ class Screen:
             new = count - (before.blocks.get(culprit, 0) if before else 0)
             lines.append(Text(f"    {count:>6g}  +{new:<4g} {culprit}"))
         return lines
+
+
+def antipattern_line(snap: Snapshot, previous: Snapshot | None) -> str | None:
+    """``anti-patterns: n_plus_one 3 (+1)  ...`` (the app's log names the code); None when the
+    diagnosis exports nothing, ``none caught`` when every count is 0."""
+    if not snap.antipatterns:
+        return None
+    found = []
+    for kind, count in sorted(snap.antipatterns.items()):
+        new = count - (previous.antipatterns.get(kind, 0) if previous else 0)
+        if count:
+            found.append(f"{kind} {count:g}" + (f" (+{new:g})" if new > 0 else ""))
+    shown = "  ".join(found) or "none caught"
+    return f"anti-patterns: {shown}" + ("  (the app's log names the code)" if found else "")
 
 
 def _table(title: str) -> Any:

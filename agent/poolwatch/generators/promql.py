@@ -187,6 +187,19 @@ def agent_errors(matchers: str, window: str) -> str:
     return f"{errors} or sum by (job) ({series(m.BUILD_INFO, matchers)}) * 0"
 
 
+def antipatterns(matchers: str, window: str) -> str:
+    """Anti-patterns caught per kind (the series at 0 of each kind on: never "no data")."""
+    return f"sum by (job, kind) (increase({series(m.ANTIPATTERNS, matchers)}[{window}]))"
+
+
+def queries_per_request(matchers: str, window: str) -> str:
+    """The average database queries per request, by route."""
+    by = "job, " + m.prom_label("http.route")
+    total = f"sum by ({by}) (rate({series(m.REQUEST_QUERIES, matchers, part='sum')}[{window}]))"
+    count = series(m.REQUEST_QUERIES, matchers, part="count")
+    return f"{total}\n/ sum by ({by}) (rate({count}[{window}]) > 0)"
+
+
 def processes(matchers: str) -> str:
     return f"count by (job, version) ({series(m.BUILD_INFO, matchers)})"
 

@@ -18,7 +18,7 @@ from ..metrics import BUCKETS
 from ..thresholds import Threshold, duration_seconds
 from . import GeneratorError
 from .promql import HTTP_STATE, POOL, SCHEME, STATE, WORKER
-from .rules import RULES_PATH, SIGNALS, Signal, rule_groups, to_yaml
+from .rules import ANTIPATTERN_ALERTS, RULES_PATH, SIGNALS, Signal, rule_groups, to_yaml
 
 TESTS_PATH = "tests/alerts/poolwatch_test.yaml"
 TARGET = {"job": "orders", "instance": "10.0.0.7:9464", "namespace": "shop", "service": "orders"}
@@ -444,6 +444,43 @@ def _value_matching(key: str, regex: str, usual: str) -> str:
     )
 
 
+def _antipattern_tests(rules: dict, selected: dict[str, str]) -> list:
+    """One test for every kind's alert: on one target a culprit's count appears (a new series,
+    as the agent exports it) at 14m and grows: it fires, and resolves 10 minutes later; on
+    another target a flat count keeps it quiet throughout."""
+    name = m.ANTIPATTERNS.sample()
+    quiet_target = {**TARGET, "instance": "10.0.0.8:9464"}
+    inputs, checks = [], []
+    for kind, (alert, _) in ANTIPATTERN_ALERTS.items():
+        for target, culprit, values in (
+            (TARGET, "", "0x30"),
+            (TARGET, "app.views:orders", "_x14 1 3x15"),
+            (quiet_target, "", "0x30"),
+            (quiet_target, "app.views:orders", "2x30"),
+        ):
+            own = {**target, **selected, "kind": kind, "worker": "1", "culprit": culprit}
+            body = ", ".join(f'{k}="{_escape(v)}"' for k, v in own.items())
+            inputs.append({"series": f"{name}{{{body}}}", "values": values})
+        expected = {**TARGET, **selected, "kind": kind, "severity": "warning", "signal": kind}
+        fired = {
+            "exp_labels": expected,
+            "exp_annotations": {
+                k: _render_template(v, expected, "3")
+                for k, v in rules[alert]["annotations"].items()
+            },
+        }
+        for minute, alerts in ((13, []), (16, [fired]), (27, [])):
+            checks.append({"eval_time": f"{minute}m", "alertname": alert, "exp_alerts": alerts})
+    return [
+        {
+            "name": "anti-patterns: a count that grew fires its kind's warning for 10m",
+            "interval": "1m",
+            "input_series": inputs,
+            "alert_rule_test": checks,
+        }
+    ]
+
+
 def series_step(thresholds: Mapping[str, Threshold]) -> int:
     """The series' and evaluations' step: divides every `for` and window, 4+ steps a window."""
     durations = [ms(t.for_) for t in thresholds.values()]
@@ -462,6 +499,7 @@ def render(thresholds: Mapping[str, Threshold]) -> dict[str, str]:
     tests = []
     for signal in SIGNALS:
         tests += _signal_tests(signal, thresholds[signal.key], rules, step, selected, outside)
+    tests += _antipattern_tests(rules, selected)
     depth = TESTS_PATH.count("/")
     document = {
         "rule_files": ["../" * depth + RULES_PATH],

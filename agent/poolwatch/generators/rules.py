@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import metrics as m
 from ..thresholds import Threshold
 from . import GeneratorError, promql
 from .promql import POOL, WORKER
@@ -41,6 +42,7 @@ _SERVER = "{{ $labels.server_address }}:{{ $labels.server_port }}"
 _PERCENT = "{{ $value | humanizePercentage }}"
 _DURATION = "{{ $value | humanizeDuration }}"
 _PER_MINUTE = '{{ $value | printf "%.1f" }}'
+_COUNT = '{{ $value | printf "%.0f" }}'
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,74 @@ SIGNALS: tuple[Signal, ...] = (
     ),
 )
 
+# Diagnosis: one warning alert per anti-pattern kind (``poolwatch_antipatterns_total``). No
+# threshold: one occurrence is a finding. It fires when the kind's count grew over the window
+# (the difference with the count WINDOW ago, or since the process started) and resolves when the
+# code has not done it for that long. The kind is the runbook section; culprits are in the
+# counter's ``culprit`` label and in the app's log line.
+ANTIPATTERN_WINDOW = "10m"
+ANTIPATTERN_ALERTS: dict[str, tuple[str, str]] = {  # kind -> (alert, what the code does)
+    "engine_per_request": (
+        "AntipatternEnginePerRequest",
+        "creates a database engine or pool per request",
+    ),
+    "client_per_request": (
+        "AntipatternClientPerRequest",
+        "creates an HTTP client session per request",
+    ),
+    "sync_db_on_loop": (
+        "AntipatternSyncDbOnLoop",
+        "runs synchronous database queries on the event loop",
+    ),
+    "n_plus_one": (
+        "AntipatternNPlusOne",
+        "runs the same statement N times in one request (N+1)",
+    ),
+    "shared_async_session": (
+        "AntipatternSharedAsyncSession",
+        "uses one AsyncSession from two tasks at once",
+    ),
+    "swallowed_cancel": (
+        "AntipatternSwallowedCancel",
+        "swallows CancelledError in cancelled tasks",
+    ),
+    "unclosed_pool": (
+        "AntipatternUnclosedPool",
+        "leaves pools or client sessions open at shutdown",
+    ),
+}
+
+
+def antipattern_expr(kind: str) -> str:
+    selected = promql.series(m.ANTIPATTERNS, 'kind="' + kind + '"')
+    count = f"sum without ({WORKER}, culprit) ({selected})"
+    before = f"sum without ({WORKER}, culprit) ({selected} offset {ANTIPATTERN_WINDOW})"
+    return f"{count}\n- ({before} or {count} * 0)\n> 0"
+
+
+def antipattern_rules(runbook_base: str, selector: str) -> list[dict[str, Any]]:
+    rules = []
+    for kind, (alert, does) in ANTIPATTERN_ALERTS.items():
+        rules.append(
+            {
+                "alert": alert,
+                "expr": promql.with_selector(antipattern_expr(kind), selector),
+                "labels": {"severity": "warning", "signal": kind},
+                "annotations": {
+                    "summary": f"{{{{ $labels.job }}}} {does}",
+                    "description": (
+                        f"{_WHERE}: the app {does} ({kind}, {_COUNT} times in the last "
+                        f"{ANTIPATTERN_WINDOW}). The app's log names the code (one line per "
+                        f'place, "poolwatch: {kind}:"), as does the culprit label of '
+                        "poolwatch_antipatterns_total."
+                    ),
+                    "runbook_url": f"{runbook_base}#{kind}",
+                },
+            }
+        )
+    return rules
+
+
 Param = Callable[[str, str], str]
 
 
@@ -189,6 +259,7 @@ def rule_groups(
                     },
                 }
             )
+    alerts += antipattern_rules(runbook_base, selector)
     return [{"name": "poolwatch", "rules": records + alerts}]
 
 

@@ -43,7 +43,18 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the type checker holds every probe module to the contract (_types.Probe)
     from .._types import Probe
-    from . import aiohttp, asyncpg, http_server, httpx, leaks, loop, psycopg_pool, redis, sqlalchemy
+    from . import (
+        aiohttp,
+        asyncpg,
+        diagnosis,
+        http_server,
+        httpx,
+        leaks,
+        loop,
+        psycopg_pool,
+        redis,
+        sqlalchemy,
+    )
 
     _sqlalchemy: Probe = sqlalchemy
     _asyncpg: Probe = asyncpg
@@ -54,6 +65,7 @@ if TYPE_CHECKING:  # the type checker holds every probe module to the contract (
     _httpx: Probe = httpx
     _redis: Probe = redis
     _psycopg_pool: Probe = psycopg_pool
+    _diagnosis: Probe = diagnosis
 
 
 class Line(NamedTuple):
@@ -75,6 +87,7 @@ PROBES: dict[str, Line] = {
     "psycopg_pool": Line("psycopg_pool", ">=3.2,<4"),
     "loop": Line(),
     "http_server": Line(),  # requests come through PoolwatchMiddleware
+    "diagnosis": Line(),  # anti-patterns; hooks each library present (after the probes above)
 }
 
 

@@ -48,6 +48,14 @@ def code_kind(filename: str, module: str, app_packages: frozenset[str]) -> str:
     return STDLIB if filename.startswith(_STDLIB) else APP
 
 
+def app_packages(app_module: str | None) -> frozenset[str]:
+    """The packages :func:`code_kind` calls the application's, from the module that called
+    ``instrument()``: its top-level package; inside poolwatch (the demo) that module only."""
+    module = app_module or ""
+    top = module.partition(".")[0]
+    return frozenset({module if top == "poolwatch" else top} - {"", "__main__"})
+
+
 def _where(frame: FrameType) -> str:
     return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_qualname}"
 

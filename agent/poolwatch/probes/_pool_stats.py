@@ -11,7 +11,7 @@ import inspect
 import itertools
 import threading
 from collections.abc import Callable, Collection, Iterator
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any, NamedTuple
 
 from .._histogram import FOLD_AT, Histogram
@@ -20,14 +20,18 @@ from .._types import Sources
 from ..metrics import (
     DB_COUNT,
     DB_CREATE_TIME,
+    DB_DEMAND_PEAK,
     DB_IDLE_MAX,
     DB_IDLE_MIN,
     DB_MAX,
     DB_PENDING,
+    DB_PENDING_PEAK,
     DB_TIMEOUTS,
     DB_USE_TIME,
+    DB_USED_PEAK,
     DB_WAIT_TIME,
     LEAKS,
+    PEAK_WINDOW,
     SA_INVALIDATIONS,
     SA_OVERFLOW,
     HistogramValue,
@@ -93,6 +97,11 @@ class PoolStats:
             self.held = HeldConnections(self)
         self.closed = False
         self.tokens = itertools.count()  # wait tokens: unique across threads
+        # High-water marks: raised on the hot path (a compare, no lock: a racing update may lose
+        # a peak that the other thread's value then nearly equals), rotated at collect time.
+        self.peak_used = self.peak_pending = self.peak_demand = 0
+        self._before: tuple[int, int, int] = (0, 0, 0)  # the peaks of the previous window
+        self._rotated = monotonic()
         self._lock = threading.Lock()
 
     # --- open and close: rare ---------------------------------------------------------------
@@ -122,14 +131,20 @@ class PoolStats:
     # --- hot path ---------------------------------------------------------------------------
     def wait_begin(self) -> int:
         token = next(self.tokens)
-        self.waiting[token] = perf_counter()
+        waiting = self.waiting
+        waiting[token] = perf_counter()
+        if len(waiting) > self.peak_pending:
+            self.new_peak()
         return token
 
     def wait_end(self, token: int, key: int) -> None:
         """A checkout succeeded: ``key`` identifies the connection until it is returned."""
         now = perf_counter()
         self.wait_time.observe(now - self.waiting.pop(token))
-        self.held[key] = now
+        held = self.held
+        held[key] = now
+        if len(held) > self.peak_used:
+            self.new_peak()
 
     def wait_failed(self, token: int, timed_out: bool) -> None:
         self.waiting.pop(token, None)
@@ -161,7 +176,35 @@ class PoolStats:
             with self._lock:
                 self.invalidations["true" if soft else "false"] += 1
 
+    def new_peak(self) -> None:
+        """Used or pending went over its peak (rare: the hot path only compares): both peaks and
+        their sum at this moment, the demand."""
+        used, pending = len(self.held), len(self.waiting)
+        self.peak_used = max(self.peak_used, used)
+        self.peak_pending = max(self.peak_pending, pending)
+        self.peak_demand = max(self.peak_demand, used + pending)
+
     # --- collect time -----------------------------------------------------------------------
+    def peaks(self, used: int, pending: int) -> tuple[int, int, int]:
+        """Peak used, pending and used + pending over the last one to two windows of
+        ``PEAK_WINDOW`` s.
+
+        The window turns on time, never on a read: every reader (Prometheus, ``poolwatch
+        advise``, ``top``) sees the same peak, none resets it for the others, and one that
+        collects at least once per window sees every burst. ``used``/``pending`` are now's."""
+        with self._lock:
+            now = monotonic()
+            live = (
+                max(self.peak_used, used),
+                max(self.peak_pending, pending),
+                max(self.peak_demand, used + pending),
+            )
+            if now - self._rotated >= PEAK_WINDOW:
+                self._before, self._rotated = live, now
+                self.peak_used, self.peak_pending, self.peak_demand = used, pending, used + pending
+            before = self._before
+            return max(live[0], before[0]), max(live[1], before[1]), max(live[2], before[2])
+
     def alive(self) -> bool:
         return not self.closed and self.read_gauges() is not None
 
@@ -184,9 +227,14 @@ class PoolStats:
         ):
             if size is not None:
                 yield Point(metric, pool, size)
+        pending = len(self.waiting)
+        peak_used, peak_pending, peak_demand = self.peaks(used, pending)
+        yield Point(DB_USED_PEAK, pool, peak_used)
+        yield Point(DB_PENDING_PEAK, pool, peak_pending)
+        yield Point(DB_DEMAND_PEAK, pool, peak_demand)
         with self._lock:  # copy under the lock, yield outside it
             events: list[tuple[Metric, dict[str, str], float | HistogramValue]] = [
-                (DB_PENDING, pool, len(self.waiting)),
+                (DB_PENDING, pool, pending),
                 (DB_TIMEOUTS, pool, self.timeouts),
                 (LEAKS, pool, self.leaks),
                 (DB_WAIT_TIME, pool, self.wait_time.value()),

@@ -100,6 +100,9 @@ class HttpServerStats:
                 except Exception as exc:
                     errors.record(PROBE, exc)
 
+    def requests_by_route(self) -> dict[str, int]:
+        return requests_by_route(self)
+
     def route_label(self, scope: dict[str, Any]) -> str:
         # route_template's common case, inlined: three dict lookups and a set lookup
         index = _indexes.get(id(scope.get("router")))
@@ -162,6 +165,15 @@ class HttpServerStats:
         for method, inflight in self.active.items():
             if inflight or method in seen:
                 yield Point(HTTP_SERVER_ACTIVE, {METHOD: method}, len(inflight))
+
+
+def requests_by_route(stats: HttpServerStats) -> dict[str, int]:
+    """Requests answered so far per ``http.route`` label (the app's own /metrics left out)."""
+    out: dict[str, int] = {}
+    for (_, route, _), histogram in stats.durations.copy().items():
+        if histogram is not stats._scrapes:
+            out[route] = out.get(route, 0) + histogram.value().count
+    return out
 
 
 def _is_exposition(response: dict[str, Any] | None) -> bool:

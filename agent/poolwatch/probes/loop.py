@@ -29,7 +29,7 @@ from .._log import errors, logger
 from .._types import Hooks, Host, Sources, Stop
 from ..config import Settings, load_settings
 from ..metrics import LOOP_BLOCKED, LOOP_BLOCKS, LOOP_LAG, LOOP_TASKS, Point
-from ._culprit import Sample, sample_stack
+from ._culprit import Sample, app_packages, sample_stack
 
 PROBE = "loop"
 OTHER = "other"  # culprits beyond POOLWATCH_MAX_CULPRITS; exported at 0 from the start
@@ -355,10 +355,7 @@ def watch(agent: Host, loop: asyncio.AbstractEventLoop, name: str | None = None)
     """Start watching ``loop`` (a loop watched already keeps its watcher); returns stop."""
     global _current
     settings = agent.settings or load_settings()
-    module = agent.app_module or ""
-    top = module.partition(".")[0]
-    # the caller's package is the app's; inside poolwatch (the demo) only the caller's module is
-    packages = frozenset({module if top == "poolwatch" else top} - {"", "__main__"})
+    packages = app_packages(agent.app_module)
     with _current_lock:
         previous = _current
         if previous is not None and previous.loop is loop and not previous.stopped:

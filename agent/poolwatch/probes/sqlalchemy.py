@@ -45,6 +45,8 @@ def _make_connect(original: Any) -> Any:
         waiting = stats.waiting
         token = next(stats.tokens)
         waiting[token] = start = perf_counter()
+        if len(waiting) > stats.peak_pending:  # high-water marks, read at collect time
+            stats.new_peak()
         try:
             connection = original(self)
         except BaseException as exc:
@@ -59,7 +61,10 @@ def _make_connect(original: Any) -> Any:
             new.append(now - start)
             if len(new) >= FOLD_AT:
                 stats.wait_time.fold()
-            stats.held[id(connection._connection_record)] = now
+            held = stats.held
+            held[id(connection._connection_record)] = now
+            if len(held) > stats.peak_used:
+                stats.new_peak()
         except Exception as exc:
             errors.record(PROBE, exc)
         return connection

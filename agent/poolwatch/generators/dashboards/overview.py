@@ -192,6 +192,33 @@ def build(t: dict[str, Threshold]) -> gd.Dashboard:
                 width=6,
             )
         )
+        .with_row(row(350, "Diagnosis"))
+        .with_panel(
+            graph(
+                16,
+                "Anti-patterns caught",
+                "The guide's mistakes poolwatch caught in the app's code, per kind (an engine or "
+                "client per request, a sync query on the loop, N+1 queries, a shared "
+                "AsyncSession, a swallowed cancel, a pool left open). Non-zero: the app's log "
+                "names the code and the fix; the runbook shows the wrong and the right code.",
+                [query(q.antipatterns(TARGET, RATE), "{{job}} {{kind}}")],
+                unit="short",
+                bars=True,
+                width=12,
+            )
+        )
+        .with_panel(
+            graph(
+                17,
+                "Queries per request",
+                "Average database queries per request, by route: the guide's queries per "
+                "request (connections needed = requests/s x queries/request x query time). A "
+                "route far above the others often runs N+1 queries.",
+                [query(q.queries_per_request(TARGET, RATE), "{{job}} {{http_route}}")],
+                unit="short",
+                width=12,
+            )
+        )
         .with_row(row(400, "poolwatch agent"))
         .with_panel(
             graph(
