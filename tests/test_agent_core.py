@@ -310,3 +310,25 @@ def test_a_library_the_app_imports_later_gets_its_probe_then_and_only_then(tmp_p
         "finder left: False",
         "hooked after uninstrument: False",
     ]
+
+
+def test_httpx_imported_after_instrument_gets_its_probe_without_an_error():
+    """httpx imports httpcore (the library its probe hooks) only when a client is made: the
+    probe loads then, and nothing is logged as failed."""
+    script = """
+import asyncio, poolwatch
+from starlette.applications import Starlette
+poolwatch.instrument(Starlette(), metrics_port=0)
+import httpx
+async def main():
+    async with httpx.AsyncClient():
+        pass
+asyncio.run(main())
+print(poolwatch.agent.agent.probe("httpx") is not None)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "hook failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

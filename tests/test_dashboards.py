@@ -61,8 +61,8 @@ def test_generate_check_covers_the_dashboards(tmp_path):
 
 
 def test_the_agent_does_not_need_the_dashboard_builder():
-    """Without grafana-foundation-sdk the agent imports and runs; `generate` says what to install
-    in one line, and runbook links still resolve."""
+    """Without grafana-foundation-sdk the agent imports and runs, runbook links still resolve, and
+    `generate --check` checks the stock files (the SDK is needed only to rebuild dashboards)."""
     code = (
         "import sys; sys.modules['grafana_foundation_sdk'] = None\n"
         "import poolwatch; poolwatch.instrument(metrics_port=0)\n"
@@ -73,12 +73,9 @@ def test_the_agent_does_not_need_the_dashboard_builder():
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
     )
-    assert result.returncode == 2
-    assert result.stdout == "/d/poolwatch-event-loop?viewPanel=2\n"
-    assert result.stderr == (
-        "poolwatch generate: generating dashboards needs grafana-foundation-sdk: "
-        "pip install 'poolwatch[dashboards]'\n"
-    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("/d/poolwatch-event-loop?viewPanel=2\n")
+    assert "Traceback" not in result.stderr
 
 
 def _steps(dashboard: dict, panel_id: int) -> list[tuple[float | None, str]]:

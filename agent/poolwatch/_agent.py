@@ -58,6 +58,7 @@ class Agent:
         self._off: dict[str, str] = {}  # probe -> why it is off (a version, a changed target)
         self._walked = False  # the heap was searched for pools made before instrument()
         self._waiting: set[str] = set()  # probes waiting for the app to import their library
+        self._installing: set[str] = set()
         self._undos: list[Undo] = []
         self._stops: list[Stop] = []
         self._lock = threading.RLock()
@@ -92,7 +93,16 @@ class Agent:
         missing, outside its tested range, or its hook targets changed)."""
         with self._lock:
             if name not in self._probes:
-                self._probes[name] = self._install(name)
+                if name in self._installing:
+                    # asked again from inside its own install: importing the probe imported its
+                    # library, whose wait (``_imports``) asks for the probe (httpx imports
+                    # httpcore only when a client is made)
+                    return None
+                self._installing.add(name)
+                try:
+                    self._probes[name] = self._install(name)
+                finally:
+                    self._installing.discard(name)
             return self._probes[name]
 
     def _install(self, name: str) -> Probe | None:
