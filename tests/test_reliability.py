@@ -156,6 +156,7 @@ def _valid_alone(spec, value: str) -> bool:
 @settings(max_examples=300, deadline=None)
 @example(name="loop_interval", value="1")  # valid alone, not with the default block threshold
 @example(name="block_threshold", value="0.001")
+@example(name="n_plus_one", value="1")  # an integer, below its own floor
 @given(
     name=st.sampled_from(sorted(SPECS)),
     value=st.text(alphabet=string.printable + "é€\x00", max_size=12),

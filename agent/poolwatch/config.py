@@ -44,6 +44,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:  # one statement run once is no N+1
+        raise ValueError
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -142,7 +149,7 @@ SPECS: dict[str, _Spec] = {
         f"that one); kinds: {', '.join(DETECTORS)}",
     ),
     "n_plus_one": _Spec(
-        "POOLWATCH_N_PLUS_ONE", _positive_int, "an integer >= 2 (same statement, one request)"
+        "POOLWATCH_N_PLUS_ONE", _at_least_two, "an integer >= 2 (same statement, one request)"
     ),
     "strict": _Spec(
         "POOLWATCH_STRICT",
@@ -237,11 +244,6 @@ def load_settings(
                 f"{source}={raw!r} is invalid: expected {spec.allowed}. Fix or unset {spec.env}."
             ) from None
     settings = Settings(**values)
-    if settings.n_plus_one < 2:
-        raise ConfigError(
-            f"POOLWATCH_N_PLUS_ONE={settings.n_plus_one} is invalid: expected an integer >= 2 "
-            "(one statement run N times in one request)."
-        )
     if settings.loop_interval >= settings.block_threshold:  # the lag timer would miss blocks
         raise ConfigError(
             f"POOLWATCH_LOOP_INTERVAL={settings.loop_interval:g} must be smaller than "
