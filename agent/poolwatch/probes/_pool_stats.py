@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from time import monotonic, perf_counter
 from typing import Any, NamedTuple
@@ -410,3 +411,32 @@ def mark_async(function: Callable[..., Any]) -> Callable[..., Any]:
     ``inspect`` where Python can (3.12+), as the method it replaces was."""
     mark = getattr(inspect, "markcoroutinefunction", None)
     return mark(function) if mark is not None else function
+
+
+def watch_by_id(
+    watched: dict[int, PoolStats],
+    registry: Sources,
+    pool: Any,
+    name: str | None,
+    new: Callable[[weakref.ref[Any]], PoolStats],
+) -> PoolStats:
+    """``watch()`` of a probe whose pools are looked up by ``id()`` (asyncpg, redis,
+    psycopg_pool): the pool's stats, renamed if ``name`` is new; else ``new(ref)`` made,
+    kept and attached. ``ref`` is a weak reference to the pool whose death drops its stats
+    and frees its name."""
+    key = id(pool)
+    stats = watched.get(key)
+    if stats is not None:
+        if name and name != stats.wanted:
+            stats.rename(name)
+        return stats
+
+    def gone(_: object) -> None:
+        dropped = watched.pop(key, None)
+        if dropped is not None:
+            dropped.closed = True
+            dropped.detach()
+
+    stats = watched[key] = new(weakref.ref(pool, gone))
+    stats.attach(registry)
+    return stats

@@ -27,7 +27,14 @@ from psycopg_pool.base import BasePool
 from .._log import errors
 from .._patching import watch_new_instances
 from .._types import Hooks, Host, Stop
-from ._pool_stats import PoolGauges, PoolStats, checkout_hook, default_pool_name, return_hook
+from ._pool_stats import (
+    PoolGauges,
+    PoolStats,
+    checkout_hook,
+    default_pool_name,
+    return_hook,
+    watch_by_id,
+)
 from .leaks import enabled as leak_detection
 
 PROBE = "psycopg_pool"
@@ -149,27 +156,16 @@ def _gauges(ref: weakref.ref[Any]) -> PoolGauges | None:
 
 
 def watch(agent: Host, pool: Any, name: str | None = None) -> PoolStats:
-    stats = _stats.get(id(pool))
-    if stats is not None:
-        if name and name != stats.wanted:
-            stats.rename(name)
-        return stats
-    key = id(pool)
-
-    def gone(_: object) -> None:
-        dropped = _stats.pop(key, None)
-        if dropped is not None:
-            dropped.closed = True
-            dropped.detach()
-
-    ref = weakref.ref(pool, gone)
-    stats = PoolStats(
-        PROBE,
-        name or pool_name(pool),
-        lambda: _gauges(ref),
-        track_leaks=leak_detection(agent),
-        times_creates=_times_creates,
+    return watch_by_id(
+        _stats,
+        agent.registry,
+        pool,
+        name,
+        lambda ref: PoolStats(
+            PROBE,
+            name or pool_name(pool),
+            lambda: _gauges(ref),
+            track_leaks=leak_detection(agent),
+            times_creates=_times_creates,
+        ),
     )
-    _stats[key] = stats
-    stats.attach(agent.registry)
-    return stats

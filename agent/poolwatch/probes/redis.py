@@ -44,6 +44,7 @@ from ._pool_stats import (
     checkout_hook,
     default_pool_name,
     return_hook,
+    watch_by_id,
 )
 from .leaks import enabled as leak_detection
 
@@ -224,28 +225,17 @@ def _left_out() -> Collection[Metric]:
 
 
 def watch(agent: Host, pool: Any, name: str | None = None) -> PoolStats:
-    stats = _stats.get(id(pool))
-    if stats is not None:
-        if name and name != stats.wanted:
-            stats.rename(name)
-        return stats
-    key = id(pool)
-
-    def gone(_: object) -> None:
-        dropped = _stats.pop(key, None)
-        if dropped is not None:
-            dropped.closed = True
-            dropped.detach()
-
-    ref = weakref.ref(pool, gone)
-    stats = PoolStats(
-        PROBE,
-        name or pool_name(pool),
-        lambda: _gauges(ref),
-        track_leaks=leak_detection(agent),
-        times_creates=_times_creates,
-        left_out=_left_out,
+    return watch_by_id(
+        _stats,
+        agent.registry,
+        pool,
+        name,
+        lambda ref: PoolStats(
+            PROBE,
+            name or pool_name(pool),
+            lambda: _gauges(ref),
+            track_leaks=leak_detection(agent),
+            times_creates=_times_creates,
+            left_out=_left_out,
+        ),
     )
-    _stats[key] = stats
-    stats.attach(agent.registry)
-    return stats
